@@ -1,0 +1,167 @@
+"""Backend registry: which implementation serves each op, and which one served the last call.
+
+Backends, fastest first:
+  triton  our Triton kernels (CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 and forced)
+  cuda    our CUDA kernels from the C++ extension (CUDA tensors)
+  cpu     our C++ kernels from the extension (CPU tensors)
+  torch   the plain-PyTorch reference (anything)
+
+Selection per call: an override set with `set_backend(op, name)` wins, then the environment variable
+`SDXL_KERNELS_BACKEND` ("torch" for every op, or "group_norm_silu=cpu,fourier_embedding=torch"), then the
+first backend in the order above whose predicate accepts the inputs. A forced backend that cannot serve the
+inputs raises instead of quietly falling back. `last_backend(op)` names the backend of the last call.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+OPS = ("group_norm_silu", "fourier_embedding", "scaled_dot_product_attention")
+ENV_VAR = "SDXL_KERNELS_BACKEND"
+
+_overrides: dict[str, str | None] = {}
+_last: dict[str, str] = {}
+
+
+def _check_names(op: str, name: str | None) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} for {op!r}; expected one of {BACKENDS} or None")
+
+
+def _parse_env(value: str) -> dict[str, str]:
+    """'torch' -> every op; 'op=name,op=name' -> per op."""
+    value = value.strip()
+    if not value:
+        return {}
+    if "=" not in value:
+        _check_names(OPS[0], value)
+        return {op: value for op in OPS}
+    out = {}
+    for item in value.split(","):
+        op, _, name = item.partition("=")
+        op, name = op.strip(), name.strip()
+        _check_names(op, name)
+        out[op] = name
+    return out
+
+
+def set_backend(op: str, name: str | None) -> None:
+    """Force `op` onto backend `name` ("triton", "cuda", "cpu", "torch"); None restores automatic choice."""
+    _check_names(op, name)
+    _overrides[op] = name
+
+
+def get_backend(op: str) -> str | None:
+    """The forced backend of `op` (override, then environment), or None when chosen automatically."""
+    _check_names(op, None)
+    if _overrides.get(op) is not None:
+        return _overrides[op]
+    return _parse_env(os.environ.get(ENV_VAR, "")).get(op)
+
+
+def last_backend(op: str) -> str | None:
+    """Name of the backend that served the last call of `op` (None before the first call)."""
+    _check_names(op, None)
+    return _last.get(op)
+
+
+def record(op: str, name: str) -> None:
+    _last[op] = name
+
+
+# ---- what is available -------------------------------------------------------------------------------
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def extension():
+    """The compiled `sdxl_kernels._C` module, or None (said once, with the reason)."""
+    try:
+        return importlib.import_module("sdxl_kernels._C")
+    except ImportError as e:
+        warnings.warn(
+            "sdxl_kernels: the C++/CUDA extension sdxl_kernels._C is not built "
+            f"({e}); the 'cpu' and 'cuda' backends are unavailable, Triton and PyTorch paths remain. "
+            "Build it with `pip install --no-build-isolation -e .`.",
+            stacklevel=3,
+        )
+        return None
+
+
+def cpu_extension_available() -> bool:
+    return extension() is not None
+
+
+def cuda_extension_available() -> bool:
+    ext = extension()
+    return ext is not None and bool(ext.has_cuda())
+
+
+# ---- selection ----------------------------------------------------------------------------------------
+
+Predicate = Callable[..., "str | None"]  # returns None when it can serve, else the reason it cannot
+
+
+def select(op: str, predicates: dict[str, Predicate], *args) -> str:
+    """Pick the backend for one call of `op` and record it.
+
+    `predicates[name](*args)` returns None if backend `name` can serve these inputs, else a reason.
+    Auto order is BACKENDS; "torch" must always accept.
+    """
+    forced = get_backend(op)
+    if forced is not None:
+        if forced not in predicates:
+            raise RuntimeError(f"{op}: backend {forced!r} is not implemented for this op")
+        reason = predicates[forced](*args)
+        if reason is not None:
+            raise RuntimeError(f"{op}: forced backend {forced!r} cannot serve these inputs: {reason}")
+        record(op, forced)
+        return forced
+    for name in BACKENDS:
+        if name == "triton" and not all(a.is_cuda for a in args if isinstance(a, torch.Tensor)):
+            continue  # the interpreter serves CPU tensors only when forced
+        pred = predicates.get(name)
+        if pred is not None and pred(*args) is None:
+            record(op, name)
+            return name
+    raise RuntimeError(f"{op}: no backend can serve these inputs")  # pragma: no cover - torch accepts all
+
+
+def device_reason(t: torch.Tensor, backend: str) -> str | None:
+    """Common device test: None if `backend` can run on `t`'s device, else why not."""
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if t.is_cuda or (t.device.type == "cpu" and triton_interpret()):
+            return None
+        return f"tensor on {t.device} (Triton needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    if backend == "cuda":
+        if not t.is_cuda:
+            return f"tensor on {t.device}, not CUDA"
+        return None if cuda_extension_available() else "the extension was built without CUDA kernels"
+    if backend == "cpu":
+        if t.device.type != "cpu":
+            return f"tensor on {t.device}, not CPU"
+        return None if cpu_extension_available() else "the C++ extension sdxl_kernels._C is not built"
+    return None

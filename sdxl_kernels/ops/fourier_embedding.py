@@ -1,0 +1,229 @@
+"""Fourier (sinusoidal) embedding of timesteps and SDXL's micro-conditioning, all values in one launch.
+
+For a scalar v and half = dim // 2 frequencies f_j = exp(-ln(max_period) · j / (half - shift)):
+
+    a_j = v · f_j                          (float32, the same product sgm and diffusers compute)
+    emb = [cos a, sin a]  (flip_sin_to_cos, sgm)   or   [sin a, cos a]  (diffusers' default)
+    + one zero column when dim is odd
+
+values (B, N) → (B, N·dim): the N embeddings of a row laid side by side, as sgm's ConcatTimestepEmbedderND.
+The frequency table is computed once per (dim, max_period, shift, device) with torch.exp, exactly as the
+official code does, so results agree to the rounding of cos/sin.
+
+Backward: d emb / dv = f · [-sin a, cos a] (flip) or f · [cos a, -sin a].
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..reference import fourier_frequencies
+from ._triton import next_power_of_2, tl, triton
+
+OP = "fourier_embedding"
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_HALF = 512  # frequencies per inner step; compile_check builds this one config
+NUM_WARPS = 4
+
+if triton is not None:
+
+    @triton.jit
+    def _fourier_kernel(
+        v_ptr,  # (B*N,) float32
+        freq_ptr,  # (HALF,) float32
+        out_ptr,  # (B, N*DIM), row stride stride_ob, unit column stride
+        N,
+        HALF,
+        DIM,
+        stride_ob,
+        FLIP: tl.constexpr,
+        ODD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # one (b, i) value per program
+        b = row // N
+        i = row % N
+        v = tl.load(v_ptr + row)
+        base = out_ptr + b.to(tl.int64) * stride_ob + i * DIM
+        for j0 in range(0, HALF, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            mask = j < HALF
+            a = v * tl.load(freq_ptr + j, mask=mask, other=0.0)
+            cos = tl.cos(a)
+            sin = tl.sin(a)
+            first = cos if FLIP else sin
+            second = sin if FLIP else cos
+            tl.store(base + j, first.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(base + HALF + j, second.to(out_ptr.dtype.element_ty), mask=mask)
+        if ODD:
+            tl.store(base + DIM - 1, tl.zeros([], out_ptr.dtype.element_ty))
+
+
+_freq_cache: dict[tuple, torch.Tensor] = {}
+
+
+def frequencies(dim: int, max_period: float, shift: float, device: torch.device) -> torch.Tensor:
+    key = (dim, float(max_period), float(shift), str(device))
+    freqs = _freq_cache.get(key)
+    if freqs is None:
+        freqs = _freq_cache[key] = fourier_frequencies(dim, max_period, shift, torch.float32, device)
+    return freqs
+
+
+def _triton_run(values, freqs, out, dim, flip):
+    bsz, n = values.shape
+    half = dim // 2
+    block = min(BLOCK_HALF, next_power_of_2(max(half, 1)))
+    _fourier_kernel[(bsz * n,)](
+        values, freqs, out, n, half, dim, out.stride(0),
+        FLIP=flip, ODD=dim % 2 == 1, BLOCK=block, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def _ext_run(values, freqs, out, dim, flip):
+    stream = torch.cuda.current_stream(values.device).cuda_stream if values.is_cuda else 0
+    backends.extension().fourier_embedding(values, freqs, out, dim, flip, stream)
+
+
+def _torch_run(values, freqs, out, dim, flip):
+    a = values.unsqueeze(-1) * freqs  # (B, N, half)
+    parts = [torch.cos(a), torch.sin(a)] if flip else [torch.sin(a), torch.cos(a)]
+    if dim % 2:
+        parts.append(a.new_zeros(a.shape[:-1] + (1,)))
+    out.copy_(torch.cat(parts, dim=-1).reshape(out.shape))
+
+
+def _kernel_reason(backend: str):
+    def reason(values, out):
+        why = backends.device_reason(values, backend)
+        if why is not None:
+            return why
+        if out.dtype not in OUT_DTYPES:
+            return f"output dtype {out.dtype} (kernels write float32/float16/bfloat16)"
+        return None
+
+    return reason
+
+
+PREDICATES = {name: _kernel_reason(name) for name in ("triton", "cuda", "cpu")} | {"torch": lambda *a: None}
+RUN = {"triton": _triton_run, "cuda": _ext_run, "cpu": _ext_run, "torch": _torch_run}
+
+
+def _run(values, out, dim, max_period, flip, shift):
+    backend = backends.select(OP, PREDICATES, values, out)
+    if values.numel() == 0:
+        return
+    RUN[backend](values, frequencies(dim, max_period, shift, values.device), out, dim, flip)
+
+
+# ---- torch.library ops ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sdxl_kernels::fourier_embedding", mutates_args=())
+def fourier_embedding_op(
+    values: torch.Tensor, dim: int, max_period: float, flip_sin_to_cos: bool, shift: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """values float32 (B, N) contiguous → (B, N·dim) of `dtype`."""
+    out = torch.empty(values.shape[0], values.shape[1] * dim, dtype=dtype, device=values.device)
+    _run(values, out, dim, max_period, flip_sin_to_cos, shift)
+    return out
+
+
+@fourier_embedding_op.register_fake
+def _(values, dim, max_period, flip_sin_to_cos, shift, dtype):
+    return values.new_empty((values.shape[0], values.shape[1] * dim), dtype=dtype)
+
+
+@torch.library.custom_op("sdxl_kernels::fourier_embedding_out", mutates_args=("out",))
+def fourier_embedding_out_op(
+    values: torch.Tensor, out: torch.Tensor, dim: int, max_period: float, flip_sin_to_cos: bool, shift: float
+) -> None:
+    """Writes values float32 (B, N) → out (B, N·dim), which may be a column slice of a wider tensor."""
+    _run(values, out, dim, max_period, flip_sin_to_cos, shift)
+
+
+@fourier_embedding_out_op.register_fake
+def _(values, out, dim, max_period, flip_sin_to_cos, shift):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    values, dim, max_period, flip, shift, _ = inputs
+    ctx.save_for_backward(values)
+    ctx.dim, ctx.max_period, ctx.flip, ctx.shift = dim, max_period, flip, shift
+
+
+def _backward(ctx, grad):
+    (values,) = ctx.saved_tensors
+    half = ctx.dim // 2
+    freqs = fourier_frequencies(ctx.dim, ctx.max_period, ctx.shift, torch.float32, values.device)  # traceable
+    a = values.unsqueeze(-1) * freqs  # (B, N, half)
+    g = grad.float().reshape(*values.shape, ctx.dim)  # (B, N, dim)
+    g_first, g_second = g[..., :half], g[..., half : 2 * half]
+    if ctx.flip:  # [cos a, sin a]
+        dv = (freqs * (-torch.sin(a) * g_first + torch.cos(a) * g_second)).sum(-1)
+    else:  # [sin a, cos a]
+        dv = (freqs * (torch.cos(a) * g_first - torch.sin(a) * g_second)).sum(-1)
+    return dv, None, None, None, None, None
+
+
+fourier_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+
+
+def _check(values, dim, max_period, out):
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() not in (1, 2):
+        raise ValueError(f"values must have shape (B,) or (B, N), got {tuple(values.shape)}")
+    if values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"values must be a real number tensor, got {values.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not max_period > 0:
+        raise ValueError(f"max_period must be positive, got {max_period!r}")
+    if out is None:
+        return
+    n = values.shape[1] if values.dim() == 2 else 1
+    want = (values.shape[0], n * dim)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+    if out.device != values.device:
+        raise ValueError(f"out is on {out.device} but values is on {values.device}")
+    if not out.is_floating_point():
+        raise TypeError(f"out must be a floating-point tensor, got {out.dtype}")
+    if want[1] > 1 and out.stride(1) != 1:
+        raise ValueError(f"out must have unit stride along its last dim, got strides {out.stride()}")
+    if values.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("fourier_embedding(out=...) does not support autograd; call it without out=")
+
+
+def fourier_embedding(
+    values: torch.Tensor,
+    dim: int,
+    *,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Sinusoidal embedding of every value, concatenated per row, in one kernel launch.
+
+    values: (B,) → (B, dim), or (B, N) → (B, N·dim). Defaults equal sgm's `timestep_embedding` (cos first)
+    and `ConcatTimestepEmbedderND`; `flip_sin_to_cos=False, downscale_freq_shift=1` equals diffusers'
+    `get_timestep_embedding`. `out` (B, N·dim), e.g. a column slice of the whole ADM vector, is written in
+    place and returned.
+    """
+    _check(values, dim, max_period, out)
+    rows = values.reshape(values.shape[0], values.shape[1] if values.dim() == 2 else 1)  # (B, N)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    if out is not None:
+        fourier_embedding_out_op(rows, out, dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift))
+        return out
+    return fourier_embedding_op(rows, dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift), dtype)
