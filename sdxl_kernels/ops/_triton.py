@@ -1,6 +1,7 @@
 """Triton, when installed: `triton` and `tl` are None otherwise, and ops keep their other backends."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -31,3 +32,33 @@ def interpret_upcast(dtype: torch.dtype) -> bool:
     from ..backends import triton_interpret
 
     return triton_interpret() and dtype == torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compiled variant of a Triton kernel, for the ahead-of-time compile check."""
+
+    fn: object  # the @triton.jit function
+    label: str  # config in words, e.g. "bf16 NCHW BLOCK_C=16"
+    pointers: dict  # pointer argument → Triton element type ("fp32", "bf16", ...)
+    constexprs: dict  # constexpr (or specialised) argument → value
+    floats: tuple = ()  # float scalar arguments
+    num_warps: int = 4
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps} | ({"maxnreg": self.maxnreg} if self.maxnreg else {})
+
+    def signature(self) -> dict:
+        sig = {}
+        for name in self.fn.arg_names:
+            if name in self.constexprs:
+                sig[name] = "constexpr"
+            elif name in self.pointers:
+                sig[name] = "*" + self.pointers[name]
+            else:
+                sig[name] = "fp32" if name in self.floats else "i32"
+        return sig
+
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -18,11 +18,11 @@ import torch
 
 from .. import backends
 from ..reference import fourier_frequencies
-from ._triton import next_power_of_2, tl, triton
+from ._triton import TRITON_TYPES, KernelSpec, tl, triton
 
 OP = "fourier_embedding"
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCK_HALF = 512  # frequencies per inner step; compile_check builds this one config
+BLOCK_HALF = 512  # frequencies per inner step, for every dim (one compiled variant)
 NUM_WARPS = 4
 
 if triton is not None:
@@ -59,6 +59,19 @@ if triton is not None:
             tl.store(base + DIM - 1, tl.zeros([], out_ptr.dtype.element_ty))
 
 
+def compile_specs() -> list[KernelSpec]:
+    """The one block size × output dtype × ordering × odd/even dim."""
+    specs = []
+    for dtype in OUT_DTYPES:
+        ptrs = dict(v_ptr="fp32", freq_ptr="fp32", out_ptr=TRITON_TYPES[dtype])
+        for flip in (True, False):
+            for odd in (False, True):
+                consts = dict(FLIP=flip, ODD=odd, BLOCK=BLOCK_HALF)
+                label = f"{TRITON_TYPES[dtype]} FLIP={flip} ODD={odd} BLOCK={BLOCK_HALF}"
+                specs.append(KernelSpec(_fourier_kernel, label, ptrs, consts, num_warps=NUM_WARPS))
+    return specs
+
+
 _freq_cache: dict[tuple, torch.Tensor] = {}
 
 
@@ -73,10 +86,9 @@ def frequencies(dim: int, max_period: float, shift: float, device: torch.device)
 def _triton_run(values, freqs, out, dim, flip):
     bsz, n = values.shape
     half = dim // 2
-    block = min(BLOCK_HALF, next_power_of_2(max(half, 1)))
     _fourier_kernel[(bsz * n,)](
         values, freqs, out, n, half, dim, out.stride(0),
-        FLIP=flip, ODD=dim % 2 == 1, BLOCK=block, num_warps=NUM_WARPS,
+        FLIP=flip, ODD=dim % 2 == 1, BLOCK=BLOCK_HALF, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

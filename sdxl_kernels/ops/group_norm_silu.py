@@ -22,18 +22,23 @@ x is read as (N, C, S) with strides (stride_n, stride_c, stride_s), which covers
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
 from .. import backends
-from ._triton import triton, tl, next_power_of_2, sm_count
+from ._triton import TRITON_TYPES, KernelSpec, sm_count, tl, triton
 
 OP = "group_norm_silu"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # (BLOCK_C, BLOCK_S, num_warps): every tile configuration the launcher may pick (compile_check builds all).
-TILE_CONFIGS = ((4, 1024, 4), (16, 256, 4), (64, 64, 4))
+TILE_CONFIGS = ((2, 1024, 8), (4, 512, 8), (8, 256, 8), (16, 128, 8), (32, 64, 8), (64, 32, 8))
 MAX_SPLIT = 64
+# Without a cap ptxas (CUDA 13) settles near 72 registers and spills a few bytes; 128 leaves room for the
+# pipelined loads and still fits 4 blocks of 128 threads per SM.
+MAXNREG = 128
 
 
 if triton is not None:
@@ -49,7 +54,7 @@ if triton is not None:
         stride_xn,
         stride_xc,
         stride_xs,
-        SPLIT: tl.constexpr,
+        SPLIT,
         BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
@@ -57,7 +62,7 @@ if triton is not None:
         pid_s = tl.program_id(1)
         n = pid_ng // G
         g = pid_ng % G
-        x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * C_PER_G).to(tl.int64) * stride_xc
+        x_base = x_ptr + n.to(tl.int64) * stride_xn + g * C_PER_G * stride_xc
         s_start = pid_s * S_PER_SPLIT
         s_end = tl.minimum(s_start + S_PER_SPLIT, S)
         cnt = 0.0
@@ -70,7 +75,7 @@ if triton is not None:
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]
-                ptrs = x_base + c[:, None].to(tl.int64) * stride_xc + s[None, :].to(tl.int64) * stride_xs
+                ptrs = x_base + c[:, None] * stride_xc + s[None, :] * stride_xs
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 n_b = n_c * tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
                 mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
@@ -93,7 +98,7 @@ if triton is not None:
         S,
         S_PER_SPLIT,
         eps,
-        SPLIT: tl.constexpr,
+        SPLIT,
         SPLIT_P2: tl.constexpr,
     ):
         # Merge the SPLIT partials of one group (Chan): mean = Σ n_k·mean_k / M, M2 = Σ M2_k + n_k·(mean_k - mean)².
@@ -126,7 +131,7 @@ if triton is not None:
         stride_xc,
         stride_xs,
         eps,
-        SPLIT: tl.constexpr,
+        SPLIT,
         SPLIT_P2: tl.constexpr,
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -142,7 +147,7 @@ if triton is not None:
         if pid_s == 0:
             tl.store(mean_ptr + pid_ng, mean)
             tl.store(rstd_ptr + pid_ng, rstd)
-        offset = n.to(tl.int64) * stride_xn + (g * C_PER_G).to(tl.int64) * stride_xc
+        offset = n.to(tl.int64) * stride_xn + g * C_PER_G * stride_xc
         s_start = pid_s * S_PER_SPLIT
         s_end = tl.minimum(s_start + S_PER_SPLIT, S)
         for c0 in range(0, C_PER_G, BLOCK_C):
@@ -157,12 +162,12 @@ if triton is not None:
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]
-                idx = offset + c[:, None].to(tl.int64) * stride_xc + s[None, :].to(tl.int64) * stride_xs
-                x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                idx = c[:, None] * stride_xc + s[None, :] * stride_xs  # int32 within a sample
+                x = tl.load(x_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
                 z = (x - mean) * scale[:, None] + shift[:, None]  # not x·scale - mean·scale: no cancellation
                 if SILU:
                     z = z * tl.sigmoid(z)
-                tl.store(y_ptr + idx, z.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_ptr + offset + idx, z.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gn_recompute_dz(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
@@ -192,7 +197,7 @@ if triton is not None:
         stride_xn,
         stride_xc,
         stride_xs,
-        SPLIT: tl.constexpr,
+        SPLIT,
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU: tl.constexpr,
@@ -205,7 +210,7 @@ if triton is not None:
         g = pid_ng % G
         mean = tl.load(mean_ptr + pid_ng)
         rstd = tl.load(rstd_ptr + pid_ng)
-        offset = n.to(tl.int64) * stride_xn + (g * C_PER_G).to(tl.int64) * stride_xc
+        offset = n.to(tl.int64) * stride_xn + g * C_PER_G * stride_xc
         s_start = pid_s * S_PER_SPLIT
         s_end = tl.minimum(s_start + S_PER_SPLIT, S)
         for c0 in range(0, C_PER_G, BLOCK_C):
@@ -222,9 +227,9 @@ if triton is not None:
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]
-                idx = offset + c[:, None].to(tl.int64) * stride_xc + s[None, :].to(tl.int64) * stride_xs
-                x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                idx = c[:, None] * stride_xc + s[None, :] * stride_xs  # int32 within a sample
+                x = tl.load(x_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
                 xhat, dz = _gn_recompute_dz(x, dy, mean, rstd, w, b, SILU)
                 dz = tl.where(mask, dz, 0.0)
                 acc_dzx += tl.sum(dz * xhat, axis=1)
@@ -251,7 +256,7 @@ if triton is not None:
         stride_xn,
         stride_xc,
         stride_xs,
-        SPLIT: tl.constexpr,
+        SPLIT,
         SPLIT_P2: tl.constexpr,
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -284,7 +289,7 @@ if triton is not None:
         total = (C_PER_G * S).to(tl.float32)
         c1 = c1 / total
         c2 = c2 / total
-        offset = n.to(tl.int64) * stride_xn + (g * C_PER_G).to(tl.int64) * stride_xc
+        offset = n.to(tl.int64) * stride_xn + g * C_PER_G * stride_xc
         s_start = pid_s * S_PER_SPLIT
         s_end = tl.minimum(s_start + S_PER_SPLIT, S)
         for c0 in range(0, C_PER_G, BLOCK_C):
@@ -299,12 +304,36 @@ if triton is not None:
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]
-                idx = offset + c[:, None].to(tl.int64) * stride_xc + s[None, :].to(tl.int64) * stride_xs
-                x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                idx = c[:, None] * stride_xc + s[None, :] * stride_xs  # int32 within a sample
+                x = tl.load(x_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
                 xhat, dz = _gn_recompute_dz(x, dy, mean, rstd, w, b, SILU)
                 dx = rstd * (dz * w[:, None] - c2 - xhat * c1)
-                tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dx_ptr + offset + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every kernel variant the launchers can pick: tile config × dtype × layout (× activation)."""
+    specs = []
+    layouts = {"NCHW": {"stride_xs": 1}, "channels-last": {"stride_xc": 1}}
+    for block_c, block_s, warps in TILE_CONFIGS:
+        for dtype in KERNEL_DTYPES:
+            t = TRITON_TYPES[dtype]
+            for layout, unit_stride in layouts.items():
+                tile = dict(BLOCK_C=block_c, BLOCK_S=block_s) | unit_stride
+                label = f"{t} {layout} BLOCK_C={block_c} BLOCK_S={block_s}"
+                ptrs = dict(x_ptr=t, y_ptr=t, dy_ptr=t, dx_ptr=t, w_ptr=t, b_ptr=t)
+                ptrs |= dict(part_ptr="fp32", mean_ptr="fp32", rstd_ptr="fp32")
+                kw = dict(num_warps=warps, maxnreg=MAXNREG)
+                specs.append(KernelSpec(_gn_stats_kernel, label, ptrs, tile, **kw))
+                for silu in (True, False):
+                    flags = tile | dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=silu)
+                    lab = f"{label} SILU={silu}"
+                    merge = flags | dict(SPLIT_P2=MAX_SPLIT)
+                    specs.append(KernelSpec(_gn_fwd_apply_kernel, lab, ptrs, merge, ("eps",), **kw))
+                    specs.append(KernelSpec(_gn_bwd_reduce_kernel, lab, ptrs, flags, **kw))
+                    specs.append(KernelSpec(_gn_bwd_apply_kernel, lab, ptrs, merge, **kw))
+    return specs
 
 
 # ---- launch configuration --------------------------------------------------------------------------------
@@ -351,51 +380,64 @@ def _flags(weight, bias, silu):
     return dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu)
 
 
+@dataclasses.dataclass
+class _Plan:
+    """Grid and shared arguments of one launch over x viewed as (N, C, S)."""
+
+    n: int
+    c: int
+    c_per_g: int
+    s: int
+    split: int
+    s_per_split: int
+    strides: tuple[int, int, int]
+    meta: dict  # BLOCK_C, BLOCK_S, num_warps, maxnreg
+
+    @classmethod
+    def of(cls, x: torch.Tensor, num_groups: int) -> _Plan:
+        n, c = x.shape[:2]
+        s = x[0, 0].numel()
+        if x[0].numel() >= 2**31:
+            raise ValueError(f"one sample of x has {x[0].numel()} elements; the kernels index a sample in int32")
+        block_c, block_s, warps = tile_config(c // num_groups)
+        split, s_per_split = split_config(n * num_groups, s, block_s, x.device)
+        meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, maxnreg=MAXNREG)
+        return cls(n, c, c // num_groups, s, split, s_per_split, ncs_strides(x), meta)
+
+    def grid(self, num_groups: int) -> tuple[int, int]:
+        return self.n * num_groups, self.split
+
+    def sizes(self, num_groups: int) -> tuple:
+        """(G, C_PER_G, S, S_PER_SPLIT, stride_n, stride_c, stride_s), the kernels' common arguments."""
+        return (num_groups, self.c_per_g, self.s, self.s_per_split, *self.strides)
+
+
 def _triton_forward(x, num_groups, weight, bias, eps, silu):
-    n, c = x.shape[:2]
-    s = x[0, 0].numel()
-    c_per_g = c // num_groups
+    p = _Plan.of(x, num_groups)
     y = torch.empty_like(x)
-    mean = torch.empty(n, num_groups, device=x.device, dtype=torch.float32)
+    mean = torch.empty(p.n, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_c, block_s, warps = tile_config(c_per_g)
-    split, s_per_split = split_config(n * num_groups, s, block_s, x.device)
-    part = torch.empty(n * num_groups, split, 2, device=x.device, dtype=torch.float32)
-    strides = ncs_strides(x)
-    grid = (n * num_groups, split)
-    _gn_stats_kernel[grid](
-        x, part, num_groups, c_per_g, s, s_per_split, *strides,
-        SPLIT=split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-    )  # fmt: skip
+    part = torch.empty(p.n * num_groups, p.split, 2, device=x.device, dtype=torch.float32)
+    grid, sizes = p.grid(num_groups), p.sizes(num_groups)
+    _gn_stats_kernel[grid](x, part, *sizes, p.split, **p.meta)
     _gn_fwd_apply_kernel[grid](
-        x, y, weight, bias, part, mean, rstd, num_groups, c_per_g, s, s_per_split, *strides, eps,
-        SPLIT=split, SPLIT_P2=next_power_of_2(split), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-        **_flags(weight, bias, silu),
+        x, y, weight, bias, part, mean, rstd, *sizes, eps, p.split,
+        SPLIT_P2=MAX_SPLIT, **_flags(weight, bias, silu), **p.meta,
     )  # fmt: skip
     return y, mean, rstd
 
 
 def _triton_backward(dy, x, mean, rstd, weight, bias, num_groups, eps, silu):
-    n, c = x.shape[:2]
-    s = x[0, 0].numel()
-    c_per_g = c // num_groups
+    p = _Plan.of(x, num_groups)
     dx = torch.empty_like(x)
-    block_c, block_s, warps = tile_config(c_per_g)
-    split, s_per_split = split_config(n * num_groups, s, block_s, x.device)
-    part = torch.empty(2, n * c, split, device=x.device, dtype=torch.float32)
-    strides = ncs_strides(x)
-    grid = (n * num_groups, split)
-    flags = _flags(weight, bias, silu)
-    _gn_bwd_reduce_kernel[grid](
-        x, dy, weight, bias, mean, rstd, part, n * c, num_groups, c_per_g, s, s_per_split, *strides,
-        SPLIT=split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **flags,
-    )  # fmt: skip
+    part = torch.empty(2, p.n * p.c, p.split, device=x.device, dtype=torch.float32)
+    grid, sizes, flags = p.grid(num_groups), p.sizes(num_groups), _flags(weight, bias, silu)
+    _gn_bwd_reduce_kernel[grid](x, dy, weight, bias, mean, rstd, part, p.n * p.c, *sizes, p.split, **flags, **p.meta)
     _gn_bwd_apply_kernel[grid](
-        x, dy, dx, weight, bias, mean, rstd, part, n * c, num_groups, c_per_g, s, s_per_split, *strides,
-        SPLIT=split, SPLIT_P2=next_power_of_2(split), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-        **flags,
+        x, dy, dx, weight, bias, mean, rstd, part, p.n * p.c, *sizes, p.split,
+        SPLIT_P2=MAX_SPLIT, **flags, **p.meta,
     )  # fmt: skip
-    part = part.view(2, n, c, split)
+    part = part.view(2, p.n, p.c, p.split)
     dw = part[0].sum(dim=(0, 2)) if weight is not None else None  # (C,) Σ dz·xhat
     db = part[1].sum(dim=(0, 2)) if bias is not None else None  # (C,) Σ dz
     return dx, dw, db

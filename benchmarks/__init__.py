@@ -1,0 +1,1 @@
+"""Benchmarks of sdxl_kernels, one file per op: `python -m pytest benchmarks/ --benchmark`."""

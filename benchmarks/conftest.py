@@ -1,0 +1,58 @@
+"""Benchmarks run only with `--benchmark`; otherwise every item here is skipped, so a plain `pytest` stays fast.
+
+At the end of a session that measured something, the tables are written (see _report.py) and printed in the
+terminal summary, so `-s` is not needed to see them.
+"""
+import pathlib
+
+import pytest
+
+from . import _report
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def pytest_addoption(parser):
+    # pytest-benchmark, when installed, owns --benchmark-* but not --benchmark itself; pytest matches option
+    # names exactly (no abbreviations), so the two coexist. Should another plugin ever claim --benchmark, use
+    # its value rather than failing at start-up.
+    try:
+        parser.addoption(
+            "--benchmark",
+            action="store_true",
+            default=False,
+            help="sdxl-kernels: run the benchmarks in benchmarks/ (skipped without it)",
+        )
+    except ValueError:
+        pass
+
+
+def _enabled(config) -> bool:
+    return bool(config.getoption("benchmark", default=False))
+
+
+def pytest_collection_modifyitems(config, items):
+    if _enabled(config):
+        return
+    skip = pytest.mark.skip(reason="benchmark; run with --benchmark")
+    for item in items:
+        if HERE in pathlib.Path(item.path).resolve().parents:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _report.RESULTS.rows:
+        _report.RESULTS.write(_report.bench_device())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    results = _report.RESULTS
+    if not results.rows:
+        return
+    env = results.env or _report.environment(_report.bench_device())
+    terminalreporter.write_sep("=", "sdxl-kernels benchmarks")
+    for op in results.ops():
+        terminalreporter.write_line(results.markdown(op, env))
+        terminalreporter.write_line("")
+    for path in results.written:
+        terminalreporter.write_line(f"wrote {path}")

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One pass over a CUDA machine with no network: build, test, compile checks, benchmarks, all logged to OUTDIR.
+#
+#   benchmarks/gpu_run.sh OUTDIR
+#
+# Writes OUTDIR/env.txt, build.log, tests.log, compile_check.log, nvcc_check.log (when nvcc is there),
+# bench.log, the benchmark tables (<device>-<op>.json/.md) and summary.txt (one line per step).
+# Every step runs under `timeout` against one deadline (SDXL_GPU_RUN_BUDGET_S, just under 9 minutes by default) that keeps
+# BENCH_MIN_S for the benchmarks; a failing step does not stop the next, but the script exits 1 if any failed.
+# PYTHON picks the interpreter (default python3, the one that holds torch on our GPU machines).
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PY=${PYTHON:-python3}
+BUDGET_S=${SDXL_GPU_RUN_BUDGET_S:-525}  # 9 minutes, less the slack of timeout --kill-after
+BENCH_MIN_S=150
+START=$SECONDS
+FAILED=()
+: >"$OUT/summary.txt"
+
+# step NAME LOG CAP_S KEEP_S CMD...: run CMD for at most CAP_S seconds, leaving KEEP_S of the budget for later
+# steps; output goes to the terminal and OUT/LOG.
+step() {
+    local name=$1 log=$2 cap=$3 keep=$4
+    shift 4
+    local left=$((BUDGET_S - (SECONDS - START) - keep))
+    local limit=$((cap < left ? cap : left))
+    local t0=$SECONDS rc
+    if ((limit < 5)); then
+        echo "[$name] not run: the time budget is spent" | tee "$OUT/$log"
+        rc=124
+    else
+        echo "[$name] $* (limit ${limit}s)" | tee "$OUT/$log"
+        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+        rc=${PIPESTATUS[0]}
+    fi
+    local verdict=ok
+    if ((rc == 124 || rc == 137)); then
+        verdict="timed out"
+    elif ((rc != 0)); then
+        verdict="failed (rc $rc)"
+    fi
+    ((rc == 0)) || FAILED+=("$name")
+    printf '%-14s %-16s %4ss  %s\n' "$name" "$verdict" "$((SECONDS - t0))" "$log" | tee -a "$OUT/summary.txt"
+}
+
+environment() {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,clocks.max.mem --format=csv
+    if command -v nvcc >/dev/null; then nvcc --version; else echo "nvcc: not found"; fi
+    "$PY" - <<'EOF'
+import platform, sys
+import torch
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", p.total_memory >> 20, "MiB")
+else:
+    print("device: no CUDA device visible to torch")
+EOF
+    "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|pybind11|ninja|setuptools|numpy) '
+    return 0  # a missing tool is information here, not a failure
+}
+
+build() {
+    # Objects or a _C built against another torch/python (e.g. the CPU build of the checkout this came from)
+    # must not be linked or loaded here.
+    rm -rf build sdxl_kernels/_C*.so
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . || return
+    "$PY" - <<'EOF'
+from sdxl_kernels import backends
+cpu, cuda = backends.cpu_extension_available(), backends.cuda_extension_available()
+print(f"sdxl_kernels._C: cpu kernels {cpu}, cuda kernels {cuda}")
+raise SystemExit(0 if cpu else 1)
+EOF
+}
+
+export -f environment build  # `timeout` runs programs, so the steps above run as `bash -c NAME`
+
+has_nvcc() {
+    command -v nvcc >/dev/null || [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]
+}
+
+step env env.txt 30 "$BENCH_MIN_S" bash -c environment
+step build build.log 200 "$BENCH_MIN_S" bash -c build
+step tests tests.log 170 "$BENCH_MIN_S" "$PY" -m pytest tests/ -x -q -p no:cacheprovider
+step compile_check compile_check.log 75 "$BENCH_MIN_S" "$PY" -m sdxl_kernels.tools.compile_check
+if has_nvcc; then
+    step nvcc_check nvcc_check.log 60 "$BENCH_MIN_S" "$PY" -m sdxl_kernels.tools.nvcc_check
+else
+    echo "nvcc_check     skipped (no nvcc)" | tee -a "$OUT/summary.txt"
+fi
+step bench bench.log 300 0 env SDXL_BENCH_OUT="$OUT" "$PY" -m pytest benchmarks/ --benchmark -q -p no:cacheprovider
+
+echo "total $((SECONDS - START))s; outputs in $OUT" | tee -a "$OUT/summary.txt"
+if ((${#FAILED[@]})); then
+    echo "failed: ${FAILED[*]}" | tee -a "$OUT/summary.txt"
+    exit 1
+fi

@@ -1,0 +1,130 @@
+"""Ahead-of-time compile of every Triton kernel variant for sm_80 and sm_90, no GPU needed.
+
+    python -m sdxl_kernels.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE]
+
+Each variant goes through `triton.compile(..., target=GPUTarget("cuda", arch, 32))`; the PTX then goes
+through the `ptxas` that ships with Triton with `-v`, which reports registers, spills and static shared
+memory. Prints one row per (kernel, config, arch); exits 1 on any spill, on shared memory over the arch's
+limit, or on a failed compile.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (opt-in maximum)
+PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
+
+
+def all_specs():
+    from ..ops import fourier_embedding, group_norm_silu
+
+    return [("group_norm_silu", s) for s in group_norm_silu.compile_specs()] + [
+        ("fourier_embedding", s) for s in fourier_embedding.compile_specs()
+    ]
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (its PTX version matches that ptxas)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # Triton >= 3.7: one ptxas per arch range
+
+        return get_ptxas(arch).path
+    except ImportError:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def parse_ptxas(text: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    smem = re.search(r"(\d+) bytes smem", text)
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "spill_stores": int(spill.group(1)) if spill else 0,
+        "spill_loads": int(spill.group(2)) if spill else 0,
+        "static_smem": int(smem.group(1)) if smem else 0,
+    }
+
+
+def compile_one(job: tuple[int, int]) -> dict:
+    index, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    op, spec = all_specs()[index]
+    row = {"op": op, "kernel": spec.fn.__name__, "config": spec.label, "arch": f"sm_{arch}", "warps": spec.num_warps}
+    try:
+        src = ASTSource(fn=spec.fn, signature=spec.signature(), constexprs=spec.constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options())
+        row["triton_smem"] = int(compiled.metadata.shared)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            cmd = [ptxas_path(arch), f"-arch={PTXAS_ARCH[arch]}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr.strip()[-500:])
+        row |= parse_ptxas(res.stderr + res.stdout)
+        row["smem"] = max(row["triton_smem"], row["static_smem"])
+        row["error"] = None
+    except Exception as e:  # reported in the table and fails the run
+        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return row
+
+
+def problems(row: dict) -> list[str]:
+    if row["error"]:
+        return [row["error"]]
+    out = []
+    if row["spill_stores"] or row["spill_loads"]:
+        out.append(f"spills {row['spill_stores']}B stores / {row['spill_loads']}B loads")
+    arch = int(row["arch"][3:])
+    if row["smem"] > SMEM_LIMIT[arch]:
+        out.append(f"shared memory {row['smem']}B > {SMEM_LIMIT[arch]}B")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
+        return 2
+    jobs = [(i, arch) for arch in args.arch for i in range(len(all_specs()))]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_one, jobs, chunksize=4))
+
+    header = f"{'kernel':<24} {'config':<46} {'arch':<6} {'warps':>5} {'regs':>5} {'smem':>7} {'spills':>7}  status"
+    print(header)
+    print("-" * len(header))
+    bad = 0
+    for row in rows:
+        issues = problems(row)
+        bad += bool(issues)
+        spills = row.get("spill_stores", 0) + row.get("spill_loads", 0)
+        print(
+            f"{row['kernel']:<24} {row['config']:<46} {row['arch']:<6} {row['warps']:>5} "
+            f"{row.get('registers', -1):>5} {row.get('smem', 0):>7} {spills:>7}  {'; '.join(issues) or 'ok'}"
+        )
+    print(f"\n{len(rows)} variants compiled for {', '.join(f'sm_{a}' for a in args.arch)}: {bad} with problems")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
