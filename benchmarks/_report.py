@@ -1,22 +1,30 @@
 """What every benchmark shares: the device under test, the timers, and the result tables.
 
-Timing
+Timing (time_providers)
   memory-bound kernels on CUDA  `triton.testing.do_bench`, median: device events around each call, L2 flushed
                                 between calls, so the figure is the kernels' time on the GPU
-  everything on CPU, and        `torch.utils.benchmark.Timer.blocked_autorange`, median: wall clock per call,
-  launch-bound ops anywhere     accelerator synchronized, so Python, dispatch and launch overheads count
+  launch-bound ops on CUDA      `torch.utils.benchmark.Timer.blocked_autorange`, median: wall clock per call,
+                                synchronized, so Python, dispatch and launch overheads count
+  everything on CPU             wall clock of single calls, providers taking turns, median
 
 Rows (one per op, case, mode and provider)
-  {op, shape, dtype, layout, mode, provider, ms, gbps, pct_of_copy, speedup_vs_eager, launches, error}
+  {op, shape, dtype, layout, mode, provider, ms, gbps, pct_of_copy, speedup_vs_eager, launches, error,
+   ms_min, others_cpu}
+  ms                the median
   gbps              the op's minimal memory traffic / ms (each test says what it counts)
   pct_of_copy       gbps / the GB/s of `dst.copy_(src)` over x's bytes, measured in the same run (a copy moves
                     2 · bytes): how close the op gets to what the memory system delivers
   speedup_vs_eager  eager's ms / ms, same case and mode
   launches          CUDA kernels (and copies) one call puts on the device (torch.profiler), CUDA only
   error             why a provider produced no time (e.g. torch.compile failed); the run goes on
+  ms_min            the fastest single call (CPU only): the figure to trust when the machine was busy; the
+                    median then carries scheduler stalls of the worker threads
+  others_cpu        the share of all CPUs other processes used while the case was timed (CPU only; from
+                    /proc/stat); rows over BUSY_SHARE, or with a median over NOISY_RATIO × min, get a †
 
 Every session that measured something writes `<out>/<device-slug>-<op>.json` (environment + rows) and `.md`
 (the table), overwriting the last run's; out is $SDXL_BENCH_OUT or benchmarks/results/.
+SDXL_BENCH_DEVICE=cpu times the CPU on a GPU machine; SDXL_BENCH_THREADS=n sets torch's CPU threads.
 
 Nothing here imports triton or sdxl_kernels at import time: tests/conftest.py must get to set TRITON_INTERPRET
 before triton's first import when tests/ and benchmarks/ are collected in one session.
@@ -31,7 +39,9 @@ import os
 import pathlib
 import platform
 import re
+import statistics
 import subprocess
+import time
 from typing import Callable
 
 import torch
@@ -39,14 +49,26 @@ import torch
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 OUT_ENV = "SDXL_BENCH_OUT"
 DEVICE_ENV = "SDXL_BENCH_DEVICE"
+THREADS_ENV = "SDXL_BENCH_THREADS"
 
 PROVIDERS = ("copy", "eager", "compile", "ours-triton", "ours-cuda", "ours-cpu")
 MODES = ("copy", "fwd", "bwd", "fwd+bwd")
 
 CUDA_WARMUP_MS = 25
 CUDA_REP_MS = 100
-WALL_MIN_RUN_S = 0.2
+WALL_MIN_RUN_S = 0.3
+WALL_MIN_CALLS = 15
+WALL_MAX_CALLS = 20000
 WALL_WARMUP_CALLS = 3
+NOISY_RATIO = 2.0  # a median this many times the fastest single call is flagged in the table
+BUSY_SHARE = 0.1  # so is a measurement while other processes took more than this share of the CPUs
+
+
+def configure_threads() -> None:
+    """SDXL_BENCH_THREADS=n times the CPU with n threads instead of torch's default."""
+    n = os.environ.get(THREADS_ENV, "").strip()
+    if n:
+        torch.set_num_threads(int(n))
 
 
 def bench_device() -> torch.device:
@@ -124,23 +146,106 @@ def forced_backend(op: str, provider: str):
 # ---- timers -------------------------------------------------------------------------------------------------
 
 
-def time_kernels_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median ms of fn(): device time on CUDA (do_bench), wall clock on CPU."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    ms: float  # the median: the figure reported
+    ms_min: float | None = None  # the fastest single call, where calls are timed one by one (CPU)
+    others_cpu: float | None = None  # share of the machine's CPU other processes took meanwhile (CPU)
+
+
+def time_providers(
+    op: str, steps: dict[str, Callable[[], object]], device: torch.device, *, wall: bool = False
+) -> dict[str, Timing]:
+    """Median ms of each provider's step, each run on its own backend (see forced_backend).
+
+    CUDA, wall=False  `triton.testing.do_bench`: device time of the kernels, one provider after the other.
+    CUDA, wall=True   torch.utils.benchmark.Timer.blocked_autorange: wall clock per call over blocks of calls
+                      and a synchronize, so launches pipeline as they do in a model.
+    CPU               wall clock of single calls, the providers taking turns call by call, then the median per
+                      provider. On a small shared machine a descheduled worker thread stalls a call by whole
+                      scheduler ticks (milliseconds): taking turns spreads such a stretch over every provider
+                      instead of ruining one, and the median of single calls drops the isolated stalls.
+    """
     if device.type == "cuda":
-        from triton.testing import do_bench
+        out = {}
+        for provider, fn in steps.items():
+            with forced_backend(op, provider):
+                out[provider] = _time_blocked(fn) if wall else _time_do_bench(fn)
+        return out
+    ours = [p for p in steps if p.startswith("ours-")]
+    if len(ours) <= 1:  # other providers never call our op, so one backend can stay forced throughout
+        with forced_backend(op, ours[0] if ours else "eager"):
+            return _time_interleaved(steps)
+    pinned = {p: _pinned(op, p, fn) for p, fn in steps.items()}
+    return _time_interleaved(pinned)
 
-        return float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median"))
-    return time_wall_ms(fn)
+
+def _time_do_bench(fn) -> Timing:
+    from triton.testing import do_bench
+
+    return Timing(float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median")))
 
 
-def time_wall_ms(fn: Callable[[], object], min_run_s: float = WALL_MIN_RUN_S) -> float:
-    """Median wall-clock ms of fn(), accelerator synchronized; includes Python and launch overheads."""
+def _time_blocked(fn) -> Timing:
     from torch.utils import benchmark
 
     for _ in range(WALL_WARMUP_CALLS):
         fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_s).median * 1e3
+    return Timing(timer.blocked_autorange(min_run_time=WALL_MIN_RUN_S).median * 1e3)
+
+
+def _time_interleaved(steps: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+    clock = time.perf_counter
+    for fn in steps.values():
+        for _ in range(WALL_WARMUP_CALLS):
+            fn()
+    load = _OthersCpu()
+    times: dict[str, list[float]] = {p: [] for p in steps}
+    end = clock() + WALL_MIN_RUN_S * len(steps)
+    rounds = 0
+    while rounds < WALL_MIN_CALLS or (clock() < end and rounds < WALL_MAX_CALLS):
+        for provider, fn in steps.items():
+            t0 = clock()
+            fn()
+            times[provider].append(clock() - t0)
+        rounds += 1
+    others = load.share()
+    return {p: Timing(statistics.median(t) * 1e3, min(t) * 1e3, others) for p, t in times.items()}
+
+
+class _OthersCpu:
+    """The share of all CPUs that other processes used since construction, from /proc/stat minus our own CPU
+    time; None where /proc/stat is missing. One other busy process on a 2-core machine is 0.5."""
+
+    def __init__(self) -> None:
+        self.jiffies, self.times = self._stat(), os.times()
+
+    @staticmethod
+    def _stat() -> tuple[int, int] | None:  # (busy, total) jiffies over all CPUs
+        try:
+            fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def share(self) -> float | None:
+        end, times = self._stat(), os.times()
+        if self.jiffies is None or end is None or end[1] <= self.jiffies[1]:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        ours = (times.user - self.times.user) + (times.system - self.times.system)
+        busy = (end[0] - self.jiffies[0]) / tick
+        return max(0.0, busy - ours) / ((end[1] - self.jiffies[1]) / tick)
+
+
+def _pinned(op: str, provider: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with forced_backend(op, provider):
+            return fn()
+
+    return run
 
 
 def count_launches(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -182,6 +287,8 @@ class Row:
     speedup_vs_eager: float | None = None
     launches: int | None = None
     error: str | None = None
+    ms_min: float | None = None
+    others_cpu: float | None = None
 
     @property
     def case(self) -> tuple:
@@ -215,7 +322,7 @@ class Results:
         case: Case,
         mode: str,
         provider: str,
-        ms: float | None = None,
+        timing: Timing | None = None,
         nbytes: float | None = None,
         launches: int | None = None,
         error: str | None = None,
@@ -227,10 +334,12 @@ class Results:
             layout=case.layout,
             mode=mode,
             provider=provider,
-            ms=ms,
-            gbps=gbps(nbytes, ms) if ms and nbytes else None,
+            ms=timing.ms if timing else None,
+            gbps=gbps(nbytes, timing.ms) if timing and nbytes else None,
             launches=launches,
             error=error,
+            ms_min=timing.ms_min if timing else None,
+            others_cpu=timing.others_cpu if timing else None,
         )
         self.rows.append(row)
         return row
@@ -260,14 +369,15 @@ class Results:
         lines = []
         for t in (t for t in self.targets if t.op == op):
             key = (op, tuple(t.case.shape), dtype_name(t.case.dtype), t.case.layout)
-            ours = [r for r in self.rows if r.case == key and r.mode == t.mode and r.provider.startswith("ours-")]
+            rows = [r for r in self.rows if r.case == key and r.mode == t.mode]
+            ours = [r for r in rows if r.provider.startswith("ours-")]
             if not ours:
-                lines.append(f"target {t.label}: ours ≥ {t.min_speedup:g}× eager — not measured (no backend of ours here)")
+                lines.append(f"target {t.label}: ours ≥ {t.min_speedup:g}× eager: not measured here")
             for r in ours:
                 got = r.speedup_vs_eager
                 verdict = "not measured" if got is None else ("met" if got >= t.min_speedup else "NOT met")
                 shown = "-" if got is None else f"{got:.2f}×"
-                lines.append(f"target {t.label}: {r.provider} ≥ {t.min_speedup:g}× eager — {shown}, {verdict}")
+                lines.append(f"target {t.label}: {r.provider} ≥ {t.min_speedup:g}× eager: {shown}, {verdict}")
         return lines
 
     def ops(self) -> list[str]:
@@ -288,7 +398,7 @@ class Results:
             doc = {**env, "op": op, "notes": self.notes.get(op, []) + self.target_lines(op)}
             doc["rows"] = [dataclasses.asdict(r) for r in rows]
             json_path = out / f"{slug}-{op}.json"
-            json_path.write_text(json.dumps(doc, indent=1) + "\n")
+            json_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
             md_path = out / f"{slug}-{op}.md"
             md_path.write_text(self.markdown(op, env) + "\n")
             self.written += [json_path, md_path]
@@ -297,7 +407,9 @@ class Results:
     def markdown(self, op: str, env: dict) -> str:
         rows = sorted((r for r in self.rows if r.op == op), key=_row_order)
         with_launches = any(r.launches is not None for r in rows)
+        with_min = any(r.ms_min is not None for r in rows)
         head = ["shape", "layout", "dtype", "mode", "provider", "ms", "GB/s", "% of copy", "× eager"]
+        head += ["min ms"] if with_min else []
         head += ["launches"] if with_launches else []
         lines = [
             f"### {op} on {env['device']}",
@@ -316,14 +428,19 @@ class Results:
                 r.dtype,
                 r.mode,
                 r.provider,
-                "error" if r.error else _fmt(r.ms, "{:.4g}"),
+                "error" if r.error else _fmt(r.ms, "{:.4g}") + ("†" if _noisy(r) else ""),
                 _fmt_num(r.gbps),
                 _fmt(r.pct_of_copy, "{:.0f}%"),
                 _fmt(r.speedup_vs_eager, "{:.2f}×"),
             ]
+            cells += [_fmt(r.ms_min, "{:.4g}")] if with_min else []
             cells += [_fmt(r.launches, "{}")] if with_launches else []
             lines.append("| " + " | ".join(cells) + " |")
         notes = self.notes.get(op, []) + self.target_lines(op)
+        if any(_noisy(r) for r in rows):
+            rerun = ", or rerun with SDXL_BENCH_THREADS=1" if env["cpu_threads"] > 1 else ""
+            notes.append(f"† a busy machine (other processes took over {BUSY_SHARE:.0%} of the CPUs, or the "
+                         f"median is over {NOISY_RATIO:g}× the fastest call): compare min ms{rerun}")  # fmt: skip
         notes += [f"{r.provider} {r.mode} {'×'.join(map(str, r.shape))} {r.layout}: {_first_line(r.error)}"
                   for r in rows if r.error]  # fmt: skip
         if notes:
@@ -336,6 +453,11 @@ def _row_order(r: Row):
         return seq.index(item) if item in seq else len(seq)
 
     return r.shape, r.layout, r.dtype, index(MODES, r.mode), index(PROVIDERS, r.provider)
+
+
+def _noisy(r: Row) -> bool:
+    spread = bool(r.ms and r.ms_min and r.ms > NOISY_RATIO * r.ms_min)
+    return spread or (r.others_cpu or 0.0) > BUSY_SHARE
 
 
 def _fmt(value, spec: str) -> str:
@@ -372,11 +494,16 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    timing = (
-        f"do_bench median (warmup {CUDA_WARMUP_MS} ms, rep {CUDA_REP_MS} ms) for kernels; "
-        if device.type == "cuda"
-        else ""
-    ) + f"torch.utils.benchmark.Timer blocked_autorange median (≥{WALL_MIN_RUN_S} s) for wall clock"
+    if device.type == "cuda":
+        timing = (
+            f"kernels: do_bench median (warmup {CUDA_WARMUP_MS} ms, rep {CUDA_REP_MS} ms); wall clock: "
+            f"torch.utils.benchmark.Timer blocked_autorange median (≥{WALL_MIN_RUN_S} s)"
+        )
+    else:
+        timing = (
+            f"wall clock of single calls, providers taking turns call by call; median over ≥{WALL_MIN_CALLS} "
+            f"rounds and ≥{WALL_MIN_RUN_S} s per provider, after {WALL_WARMUP_CALLS} warm-up calls"
+        )
     return {
         "device": device_name(device),
         "device_type": device.type,

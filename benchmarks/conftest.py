@@ -31,6 +31,11 @@ def _enabled(config) -> bool:
     return bool(config.getoption("benchmark", default=False))
 
 
+def pytest_configure(config):
+    if _enabled(config):
+        _report.configure_threads()
+
+
 def pytest_collection_modifyitems(config, items):
     if _enabled(config):
         return

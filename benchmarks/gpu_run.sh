@@ -5,8 +5,9 @@
 #
 # Writes OUTDIR/env.txt, build.log, tests.log, compile_check.log, nvcc_check.log (when nvcc is there),
 # bench.log, the benchmark tables (<device>-<op>.json/.md) and summary.txt (one line per step).
-# Every step runs under `timeout` against one deadline (SDXL_GPU_RUN_BUDGET_S, just under 9 minutes by default) that keeps
-# BENCH_MIN_S for the benchmarks; a failing step does not stop the next, but the script exits 1 if any failed.
+# Every step runs under `timeout` against one deadline (SDXL_GPU_RUN_BUDGET_S, just under 9 minutes by
+# default) that keeps BENCH_MIN_S for the benchmarks; a failing step does not stop the next, and the script
+# exits 1 if any failed.
 # PYTHON picks the interpreter (default python3, the one that holds torch on our GPU machines).
 set -uo pipefail
 
@@ -34,20 +35,22 @@ step() {
     local t0=$SECONDS rc
     if ((limit < 5)); then
         echo "[$name] not run: the time budget is spent" | tee "$OUT/$log"
-        rc=124
+        rc=-1
     else
         echo "[$name] $* (limit ${limit}s)" | tee "$OUT/$log"
         timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
         rc=${PIPESTATUS[0]}
     fi
     local verdict=ok
-    if ((rc == 124 || rc == 137)); then
+    if ((rc == -1)); then
+        verdict="not run (no time)"
+    elif ((rc == 124 || rc == 137)); then
         verdict="timed out"
     elif ((rc != 0)); then
         verdict="failed (rc $rc)"
     fi
     ((rc == 0)) || FAILED+=("$name")
-    printf '%-14s %-16s %4ss  %s\n' "$name" "$verdict" "$((SECONDS - t0))" "$log" | tee -a "$OUT/summary.txt"
+    printf '%-14s %-18s %4ss  %s\n' "$name" "$verdict" "$((SECONDS - t0))" "$log" | tee -a "$OUT/summary.txt"
 }
 
 environment() {
@@ -82,10 +85,15 @@ build() {
     rm -rf build sdxl_kernels/_C*.so
     MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . || return
     "$PY" - <<'EOF'
+import os
+import torch
+from torch.utils import cpp_extension
 from sdxl_kernels import backends
 cpu, cuda = backends.cpu_extension_available(), backends.cuda_extension_available()
-print(f"sdxl_kernels._C: cpu kernels {cpu}, cuda kernels {cuda}")
-raise SystemExit(0 if cpu else 1)
+home = cpp_extension.CUDA_HOME
+want_cuda = bool(torch.version.cuda and home and os.path.exists(os.path.join(home, "bin", "nvcc")))  # as setup.py
+print(f"sdxl_kernels._C: cpu kernels {cpu}, cuda kernels {cuda} (expected: {want_cuda})")
+raise SystemExit(0 if cpu and (cuda or not want_cuda) else 1)
 EOF
 }
 

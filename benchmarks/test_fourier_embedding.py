@@ -67,22 +67,31 @@ def make_values(case: Case) -> tuple[torch.Tensor, int]:
     return torch.tensor([999.0, 421.5], device=DEVICE), case.shape[-1]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_fourier_embedding(case: Case, provider: str):
+def test_fourier_embedding(case: Case):
     RESULTS.target(OP, MICRO_COND, "fwd", TARGET, f"micro-conditioning 2×6×256 on {DEVICE.type}")
-    reason = _report.skip_reason(provider, DEVICE)
-    if reason is not None:
-        RESULTS.note(OP, f"{provider}: not measured, {reason}")
-        pytest.skip(reason)
     values, dim = make_values(case)
-    fn = ours if provider.startswith("ours-") else eager
-    with _report.forced_backend(OP, provider):
-        out = fn(values, dim)
-        if provider.startswith("ours-"):  # wide arguments (up to 1024 rad) in float32: sin/cos differ in ulps
-            torch.testing.assert_close(out, eager(values, dim), atol=1e-4, rtol=0)
-        run = lambda: fn(values, dim)  # noqa: E731
-        ms = _report.time_wall_ms(run)
-        launches = _report.count_launches(run, DEVICE)
-    nbytes = values.numel() * values.element_size() + out.numel() * out.element_size()
-    RESULTS.add(OP, case, "fwd", provider, ms, nbytes=nbytes, launches=launches)
+    want = eager(values, dim)
+    steps, failures = {}, []
+    for provider in PROVIDERS:
+        reason = _report.skip_reason(provider, DEVICE)
+        if reason is not None:
+            RESULTS.note(OP, f"{provider}: not measured, {reason}")
+            continue
+        fn = ours if provider.startswith("ours-") else eager
+        try:
+            with _report.forced_backend(OP, provider):
+                # arguments up to 1024 rad in float32: sin/cos implementations differ by a few ulps
+                torch.testing.assert_close(fn(values, dim), want, atol=1e-4, rtol=0)
+        except Exception as exc:  # a wrong or crashing kernel: its times would be meaningless
+            failures.append(f"{provider}: {_report.error_text(exc)}")
+            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
+            continue
+        steps[provider] = lambda fn=fn: fn(values, dim)
+    nbytes = values.numel() * values.element_size() + want.numel() * want.element_size()
+    for provider, timing in _report.time_providers(OP, steps, DEVICE, wall=True).items():
+        with _report.forced_backend(OP, provider):
+            launches = _report.count_launches(steps[provider], DEVICE)
+        RESULTS.add(OP, case, "fwd", provider, timing, nbytes=nbytes, launches=launches)
+    if failures:
+        pytest.fail("\n".join(failures))

@@ -1,4 +1,4 @@
-"""group_norm_silu: ours (each backend this device has) vs eager `F.silu(F.group_norm(...))` vs torch.compile of it.
+"""group_norm_silu: ours (each backend this device has), eager `F.silu(F.group_norm(...))`, torch.compile of eager.
 
 Modes
   fwd      inference forward, under no_grad (what SDXL sampling runs)
@@ -93,39 +93,58 @@ def check_close(fn, x, weight, bias):
     assert got.stride() == x.stride(), "the output must keep x's memory format"
 
 
-@pytest.mark.parametrize("provider", _report.PROVIDERS)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_group_norm_silu(case: Case, provider: str):
-    reason = _report.skip_reason(provider, DEVICE)
-    if reason is not None:
-        RESULTS.note(OP, f"{provider}: not measured, {reason}")
-        pytest.skip(reason)
-    x, weight, bias, dy = make_inputs(case)
+PROVIDERS = ("eager", "compile", "ours-triton", "ours-cuda", "ours-cpu")
 
-    if provider == "copy":  # the yardstick: the same bytes as x, read once and written once
-        dst = torch.empty_like(x)
-        ms = _report.time_kernels_ms(lambda: dst.copy_(x), DEVICE)
-        RESULTS.add(OP, case, "copy", "copy", ms, nbytes=2 * x.numel() * x.element_size())
-        return
 
+def provider_fn(provider: str):
     if provider == "compile":
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no shapes turned dynamic
-        fn = torch.compile(eager, dynamic=False)
-    else:
-        fn = ours if provider.startswith("ours-") else eager
+        return torch.compile(eager, dynamic=False)
+    return ours if provider.startswith("ours-") else eager
 
-    with _report.forced_backend(OP, provider):
-        if provider.startswith("ours-"):
-            check_close(fn, x, weight, bias)
-        for mode in MODES:
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_group_norm_silu(case: Case):
+    x, weight, bias, dy = make_inputs(case)
+    dst = torch.empty_like(x)  # the yardstick: the same bytes as x, read once and written once
+    copy = _report.time_providers(OP, {"copy": lambda: dst.copy_(x)}, DEVICE)["copy"]
+    RESULTS.add(OP, case, "copy", "copy", copy, nbytes=2 * x.numel() * x.element_size())
+    del dst
+
+    providers = {}
+    for provider in PROVIDERS:
+        reason = _report.skip_reason(provider, DEVICE)
+        if reason is None:
+            providers[provider] = provider_fn(provider)
+        else:
+            RESULTS.note(OP, f"{provider}: not measured, {reason}")
+    failures = []
+    for provider in [p for p in providers if p.startswith("ours-")]:
+        try:
+            with _report.forced_backend(OP, provider):
+                check_close(providers[provider], x, weight, bias)
+        except Exception as exc:  # a wrong or crashing kernel: its times would be meaningless
+            failures.append(f"{provider}: {_report.error_text(exc)}")
+            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
+            del providers[provider]
+
+    for mode in MODES:
+        steps = {}
+        for provider, fn in providers.items():
             try:
-                run = step(mode, fn, x, weight, bias, dy)
-                ms = _report.time_kernels_ms(run, DEVICE)
-            except Exception as exc:
-                if provider != "compile":
-                    raise
+                with _report.forced_backend(OP, provider):
+                    steps[provider] = step(mode, fn, x, weight, bias, dy)
+            except Exception as exc:  # torch.compile may fail on a machine; the row says why
                 RESULTS.add(OP, case, mode, provider, error=_report.error_text(exc))
-                continue
-            launches = _report.count_launches(run, DEVICE) if mode == "fwd" else None
-            RESULTS.add(OP, case, mode, provider, ms, nbytes=traffic(mode, x), launches=launches)
-            del run
+                if provider != "compile":
+                    failures.append(f"{provider} {mode}: {_report.error_text(exc)}")
+        timings = _report.time_providers(OP, steps, DEVICE)
+        for provider, timing in timings.items():
+            launches = None
+            if mode == "fwd":
+                with _report.forced_backend(OP, provider):
+                    launches = _report.count_launches(steps[provider], DEVICE)
+            RESULTS.add(OP, case, mode, provider, timing, nbytes=traffic(mode, x), launches=launches)
+        del steps, timings
+    if failures:
+        pytest.fail("\n".join(failures))

@@ -14,17 +14,18 @@
 //                  C; a short serial step merges the per-chunk partials.
 //
 // Hot loops are plain float loops that GCC auto-vectorizes (-O3, -march):
-// reductions use kLanes independent accumulators (no -ffast-math needed), and
-// exp comes from exp_approx below instead of a per-element libm call.
+// reductions use kLanes independent accumulators (no -ffast-math needed),
+// sigmoid is built on exp_neg_abs below instead of a per-element libm call,
+// and loops whose pointers could alias take them as __restrict parameters.
 #include "../ops.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -35,6 +36,7 @@ constexpr int64_t kLanes = 32;          // independent accumulators (2 zmm)
 constexpr int64_t kTile = 2048;         // floats per L1-resident tile (8 KiB)
 constexpr int64_t kChunkElems = 16384;  // channels-last rows*C per task
 constexpr int64_t kGrainElems = 32768;  // smaller work runs on one thread
+constexpr int64_t kCacheElems = 65536;  // backward keeps dz of groups this big
 
 // ---------------------------------------------------------------- exp/silu
 
@@ -50,48 +52,54 @@ inline uint32_t to_bits(float f) {
   return u;
 }
 
-// exp(x) built from float ops only, so loops around it vectorize.
-// exp(x) = 2^k * exp(r): k = round(x*log2(e)), r = x - k*ln2 with ln2 split
-// in two (Cody-Waite; k*kLn2Hi is exact), |r| <= ln2/2, and exp(r) from
-// Cephes' degree-5 minimax polynomial (about 1 ulp). 2^k is assembled in the
-// exponent field as 2^(k-1) * 2 so k = 128 (x up to 88.72) stays finite.
-// x > 88.7228 gives +inf, x < -86.64 gives 0 (the true value is below
-// 2.5e-38; this function only feeds sigmoid, where it vanishes), NaN -> NaN.
-inline float exp_approx(float x) {
-  constexpr float kHi = 88.7228394f;
-  constexpr float kLo = -86.64f;  // k >= -125, so k - 1 + 127 >= 1
+// a = exp(-|z|) in (0, 1], from float and integer ops only, so loops around
+// it vectorize (no libm call, no branches, no float compares).
+//   x = -min(|z|, 131): the clamp is an integer min on the bit pattern, which
+//       GCC vectorizes as one instruction and which also maps inf and NaN to
+//       131 (z itself carries the NaN into the result).
+//   exp(x) = 2^k * exp(r), k = round(x*log2(e)) via the 1.5*2^23 trick,
+//       r = x - k*ln2 with ln2 split in two (Cody-Waite; k*kLn2Hi is exact),
+//       |r| <= ln2/2, exp(r) by a degree-6 minimax polynomial (relative error
+//       2e-9 before rounding; measured <= 1 ulp over [-87, 0]).
+//   2^k = 2^(k+64) * 2^-64: the exponent field of 2^(k+64) stays valid for
+//       k >= -189, and the 2^-64 (folded into the coefficients) lets results
+//       below 2^-126 underflow gracefully to denormals and 0.
+inline float exp_neg_abs(float z) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t's low bits hold k
-  float xc = x < kLo ? kLo : x;          // NaN passes through both
-  xc = xc > kHi ? kHi : xc;
-  const float t = xc * kLog2e + kRound;
+  constexpr uint32_t kAbsMask = 0x7fffffffu;
+  constexpr uint32_t kClamp = 0x43030000u;  // bits of 131.0f
+  constexpr float kS = 5.421010862427522e-20f;  // 2^-64
+  const float x = -from_bits(std::min(to_bits(z) & kAbsMask, kClamp));
+  const float t = x * kLog2e + kRound;
   const float k = t - kRound;
-  float r = xc - k * kLn2Hi;
+  float r = x - k * kLn2Hi;
   r = r - k * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float exp_r = p * (r * r) + r + 1.0f;
-  const uint32_t k_bits = to_bits(t) - to_bits(kRound);  // k mod 2^32
-  const float pow2_km1 = from_bits((k_bits + 126u) << 23);
-  float e = exp_r * pow2_km1 * 2.0f;
-  e = x > kHi ? std::numeric_limits<float>::infinity() : e;
-  e = x < kLo ? 0.0f : e;
-  return e;
+  float p = kS * 1.3843652559444308e-3f;
+  p = p * r + kS * 8.37415549904108e-3f;
+  p = p * r + kS * 4.166800156235695e-2f;
+  p = p * r + kS * 1.6666431725025177e-1f;
+  p = p * r + kS * 4.999999403953552e-1f;
+  p = p * r + kS;
+  p = p * r + kS;
+  const uint32_t pow2_k64 = (to_bits(t) - to_bits(kRound) + 191u) << 23;
+  return p * from_bits(pow2_k64);
 }
 
-// silu(z) = z * sigmoid(z) = z / (1 + exp(-z)): -> z as z -> +inf, -> -0 for
-// z << 0, NaN for NaN (and for z = -inf, like PyTorch's z / (1 + exp(-z))).
-inline float silu(float z) { return z / (1.0f + exp_approx(-z)); }
+// sigmoid(z) = 1/(1 + a) for z >= 0 and a/(1 + a) for z < 0, a = exp(-|z|):
+// no overflow anywhere. silu(z) = z * sigmoid(z): -> z as z -> +inf, -> -0
+// (or a denormal) for z << 0, NaN for NaN and for z = -inf (as PyTorch).
+inline float silu(float z) {
+  const float a = exp_neg_abs(z);
+  return (z >= 0.0f ? z : z * a) / (1.0f + a);
+}
 
-// d silu(z)/dz * dy = dy * s * (1 + z*(1 - s)), s = sigmoid(z).
+// dy * d silu/dz = dy * s * (1 + z*(1 - s)), s = sigmoid(z).
 inline float silu_grad(float dy, float z) {
-  const float s = 1.0f / (1.0f + exp_approx(-z));
+  const float a = exp_neg_abs(z);
+  const float s = (z >= 0.0f ? 1.0f : a) / (1.0f + a);
   return dy * s * (1.0f + z * (1.0f - s));
 }
 
@@ -241,6 +249,55 @@ inline void normalize_row(const float* __restrict x, float* __restrict y,
   }
 }
 
+// Channels-last row kernels. Pointers arrive as __restrict parameters:
+// GCC honours restrict there (not on locals), so these loops vectorize
+// without runtime alias checks.
+inline void add_row(float* __restrict sum, const float* __restrict x,
+                    int64_t C) {
+  for (int64_t c = 0; c < C; ++c) sum[c] += x[c];
+}
+
+inline void add_row_moments(float* __restrict d1, float* __restrict d2,
+                            const float* __restrict x,
+                            const float* __restrict mean, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = x[c] - mean[c];
+    d1[c] += d;
+    d2[c] += d * d;
+  }
+}
+
+// a[c] += dz*xhat, b_sum[c] += dz along one row.
+template <bool SILU>
+inline void add_row_grad_sums(float* __restrict a, float* __restrict b_sum,
+                              const float* __restrict x,
+                              const float* __restrict dy,
+                              const float* __restrict mean,
+                              const float* __restrict rstd,
+                              const float* __restrict w,
+                              const float* __restrict b, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xh = (x[c] - mean[c]) * rstd[c];
+    const float dz = SILU ? silu_grad(dy[c], xh * w[c] + b[c]) : dy[c];
+    a[c] += dz * xh;
+    b_sum[c] += dz;
+  }
+}
+
+// dx = rstd * (dz*w - c2 - xhat*c1) along one row.
+template <bool SILU>
+inline void dx_row(float* __restrict dx, const float* __restrict x,
+                   const float* __restrict dy, const float* __restrict mean,
+                   const float* __restrict rstd, const float* __restrict w,
+                   const float* __restrict b, const float* __restrict c1,
+                   const float* __restrict c2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xh = (x[c] - mean[c]) * rstd[c];
+    const float dz = SILU ? silu_grad(dy[c], xh * w[c] + b[c]) : dy[c];
+    dx[c] = rstd[c] * (dz * w[c] - c2[c] - xh * c1[c]);
+  }
+}
+
 // xhat and dz of one run of a single channel.
 template <bool SILU>
 inline void grad_run(const float* __restrict x, const float* __restrict dy,
@@ -262,6 +319,17 @@ inline void dx_run(const float* __restrict x, const float* __restrict dy,
     const float xh = (x[i] - mean) * rstd;
     const float dz = SILU ? silu_grad(dy[i], xh * w + b) : dy[i];
     dx[i] = rstd * (dz * w - c2 - xh * c1);
+  }
+}
+
+// dx = rstd * (dz*w - c2 - xhat*c1) from a cached dz.
+inline void dx_from_dz_run(const float* __restrict x,
+                           const float* __restrict dz, float* __restrict dx,
+                           int64_t n, float mean, float rstd, float w, float c1,
+                           float c2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float xh = (x[i] - mean) * rstd;
+    dx[i] = rstd * (dz[i] * w - c2 - xh * c1);
   }
 }
 
@@ -333,27 +401,32 @@ void forward_channels_last(const T* x, const float* w, const float* b, T* y,
       const T* xt = x + (n * S + s0) * C;
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t r = 0; r < R; ++r) {
-        const float* __restrict xr = load_tile(xt + r * C, C, row.data());
-        for (int64_t c = 0; c < C; ++c) sum[c] += xr[c];
+        add_row(sum.data(), load_tile(xt + r * C, C, row.data()), C);
       }
       for (int64_t c = 0; c < C; ++c) mu[c] = sum[c] / static_cast<float>(R);
       std::fill(d1.begin(), d1.end(), 0.0f);
       std::fill(d2.begin(), d2.end(), 0.0f);
       for (int64_t r = 0; r < R; ++r) {
-        const float* __restrict xr = load_tile(xt + r * C, C, row.data());
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = xr[c] - mu[c];
-          d1[c] += d;
-          d2[c] += d * d;
-        }
+        add_row_moments(d1.data(), d2.data(),
+                        load_tile(xt + r * C, C, row.data()), mu.data(), C);
       }
-      const double dR = static_cast<double>(R);
+      // Channels -> group without per-channel divisions (equal counts R):
+      //   mean_g = avg_c mean_c,  m2_g = sum_c m2_c + R * (mean_c - mean_g)^2
+      // with mean_c = mu + d1/R and m2_c = d2 - d1^2/R (corrected two-pass).
+      const double inv_R = 1.0 / static_cast<double>(R);
       for (int64_t g = 0; g < G; ++g) {
-        Moments& mom = partial[task * G + g];
+        double mean_g = 0.0;
         for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          mom.merge(dR, mu[c] + d1[c] / dR,
-                    std::max(0.0, d2[c] - double(d1[c]) * d1[c] / dR));
+          mean_g += mu[c] + d1[c] * inv_R;
         }
+        mean_g /= static_cast<double>(Cg);
+        double m2_g = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const double delta = mu[c] + d1[c] * inv_R - mean_g;
+          m2_g += std::max(0.0, d2[c] - double(d1[c]) * d1[c] * inv_R) +
+                  R * delta * delta;
+        }
+        partial[task * G + g] = Moments{double(R * Cg), mean_g, m2_g};
       }
     }
   });
@@ -422,9 +495,13 @@ void backward_nchw(const T* dy, const T* x, const float* mean,
   const int64_t group_elems = Cg * s.S;
   const double inv_count = 1.0 / static_cast<double>(group_elems);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / group_elems);
+  // With SiLU, dz costs an exp: keep the group's dz (L2-sized) for the dx
+  // pass instead of recomputing it.
+  const bool cache_dz = SILU && group_elems <= kCacheElems;
   std::vector<double> A(s.N * s.C), B(s.N * s.C);
   at::parallel_for(0, s.N * s.G, grain, [&](int64_t begin, int64_t end) {
-    float xbuf[kTile], dybuf[kTile], xhat[kTile], dz[kTile];
+    float xbuf[kTile], dybuf[kTile], xhat[kTile], dz_tile[kTile];
+    std::vector<float> dz_group(cache_dz ? group_elems : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = (ng % s.G) * Cg;
       const int64_t nc0 = (ng / s.G) * s.C + c0;
@@ -439,6 +516,7 @@ void backward_nchw(const T* dy, const T* x, const float* mean,
         for (int64_t i = 0; i < s.S; i += kTile) {
           const int64_t n = std::min(kTile, s.S - i);
           const int64_t off = j * s.S + i;
+          float* dz = cache_dz ? dz_group.data() + off : dz_tile;
           grad_run<SILU>(load_tile(xg + off, n, xbuf),
                          load_tile(dyg + off, n, dybuf), xhat, dz, n, m, r,
                          w[c0 + j], b[c0 + j]);
@@ -457,9 +535,14 @@ void backward_nchw(const T* dy, const T* x, const float* mean,
           const int64_t n = std::min(kTile, s.S - i);
           const int64_t off = j * s.S + i;
           float* out = out_tile(dxg + off, xhat);
-          dx_run<SILU>(load_tile(xg + off, n, xbuf),
-                       load_tile(dyg + off, n, dybuf), out, n, m, r,
-                       w[c0 + j], b[c0 + j], c1, c2);
+          if (cache_dz) {
+            dx_from_dz_run(load_tile(xg + off, n, xbuf), dz_group.data() + off,
+                           out, n, m, r, w[c0 + j], c1, c2);
+          } else {
+            dx_run<SILU>(load_tile(xg + off, n, xbuf),
+                         load_tile(dyg + off, n, dybuf), out, n, m, r,
+                         w[c0 + j], b[c0 + j], c1, c2);
+          }
           store_tile(out, n, dxg + off);
         }
       }
@@ -498,22 +581,15 @@ void backward_channels_last(const T* dy, const T* x, const float* mean,
       const int64_t n = task / chunks;
       const int64_t s0 = (task % chunks) * rows;
       const int64_t R = std::min(rows, S - s0);
-      float* __restrict a = &part_a[task * C];
-      float* __restrict bsum = &part_b[task * C];
-      const float* __restrict mu = &mean_c[n * C];
-      const float* __restrict rs = &rstd_c[n * C];
+      float* a = &part_a[task * C];
+      float* b_sum = &part_b[task * C];
       std::fill(a, a + C, 0.0f);
-      std::fill(bsum, bsum + C, 0.0f);
+      std::fill(b_sum, b_sum + C, 0.0f);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t off = (n * S + s0 + r) * C;
-        const float* __restrict xr = load_tile(x + off, C, xrow.data());
-        const float* __restrict dyr = load_tile(dy + off, C, dyrow.data());
-        for (int64_t c = 0; c < C; ++c) {
-          const float xh = (xr[c] - mu[c]) * rs[c];
-          const float dz = SILU ? silu_grad(dyr[c], xh * w[c] + b[c]) : dyr[c];
-          a[c] += dz * xh;
-          bsum[c] += dz;
-        }
+        add_row_grad_sums<SILU>(a, b_sum, load_tile(x + off, C, xrow.data()),
+                                load_tile(dy + off, C, dyrow.data()),
+                                &mean_c[n * C], &rstd_c[n * C], w, b, C);
       }
     }
   });
@@ -530,7 +606,7 @@ void backward_channels_last(const T* dy, const T* x, const float* mean,
   }
   write_param_grads(A, B, s.N, C, dweight, dbias);
   const double inv_count = 1.0 / static_cast<double>(Cg * S);
-  std::vector<float> c1_c(s.N * C), c2_c(s.N * C), scale_c(s.N * C);
+  std::vector<float> c1_c(s.N * C), c2_c(s.N * C);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       double sum_wa = 0.0, sum_wb = 0.0;
@@ -554,20 +630,12 @@ void backward_channels_last(const T* dy, const T* x, const float* mean,
       const int64_t n = task / chunks;
       const int64_t s0 = (task % chunks) * rows;
       const int64_t R = std::min(rows, S - s0);
-      const float* __restrict mu = &mean_c[n * C];
-      const float* __restrict rs = &rstd_c[n * C];
-      const float* __restrict c1 = &c1_c[n * C];
-      const float* __restrict c2 = &c2_c[n * C];
       for (int64_t r = 0; r < R; ++r) {
         const int64_t off = (n * S + s0 + r) * C;
-        const float* __restrict xr = load_tile(x + off, C, xrow.data());
-        const float* __restrict dyr = load_tile(dy + off, C, dyrow.data());
-        float* __restrict out = out_tile(dx + off, dxrow.data());
-        for (int64_t c = 0; c < C; ++c) {
-          const float xh = (xr[c] - mu[c]) * rs[c];
-          const float dz = SILU ? silu_grad(dyr[c], xh * w[c] + b[c]) : dyr[c];
-          out[c] = rs[c] * (dz * w[c] - c2[c] - xh * c1[c]);
-        }
+        float* out = out_tile(dx + off, dxrow.data());
+        dx_row<SILU>(out, load_tile(x + off, C, xrow.data()),
+                     load_tile(dy + off, C, dyrow.data()), &mean_c[n * C],
+                     &rstd_c[n * C], w, b, &c1_c[n * C], &c2_c[n * C], C);
         store_tile(out, C, dx + off);
       }
     }

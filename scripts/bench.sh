@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the benchmarks: ours vs eager PyTorch vs torch.compile, side by side.
+# Results (raw JSON + a markdown table) land in benchmarks/results/ (or $SDXL_BENCH_OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+exec "${PYTHON:-python3}" -m pytest benchmarks/ --benchmark -q "$@"
