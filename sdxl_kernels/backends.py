@@ -36,6 +36,7 @@ def _check_names(op: str, name: str | None) -> None:
         raise ValueError(f"unknown backend {name!r} for {op!r}; expected one of {BACKENDS} or None")
 
 
+@functools.lru_cache(maxsize=8)
 def _parse_env(value: str) -> dict[str, str]:
     """'torch' -> every op; 'op=name,op=name' -> per op."""
     value = value.strip()
@@ -126,8 +127,9 @@ Predicate = Callable[..., "str | None"]  # returns None when it can serve, else 
 def select(op: str, predicates: dict[str, Predicate], *args) -> str:
     """Pick the backend for one call of `op` and record it.
 
-    `predicates[name](*args)` returns None if backend `name` can serve these inputs, else a reason.
-    Auto order is BACKENDS; "torch" must always accept.
+    `predicates[name](*args)` returns None if backend `name` can serve these inputs, else a reason; args[0]
+    is the tensor whose device decides. Auto order is BACKENDS, "triton" only for CUDA tensors (the
+    interpreter serves CPU tensors only when forced); "torch" must always accept.
     """
     forced = get_backend(op)
     if forced is not None:
@@ -136,32 +138,35 @@ def select(op: str, predicates: dict[str, Predicate], *args) -> str:
         reason = predicates[forced](*args)
         if reason is not None:
             raise RuntimeError(f"{op}: forced backend {forced!r} cannot serve these inputs: {reason}")
-        record(op, forced)
+        _last[op] = forced
         return forced
-    for name in BACKENDS:
-        if name == "triton" and not all(a.is_cuda for a in args if isinstance(a, torch.Tensor)):
-            continue  # the interpreter serves CPU tensors only when forced
+    for name in _AUTO_CUDA if args[0].is_cuda else _AUTO_OTHER:
         pred = predicates.get(name)
         if pred is not None and pred(*args) is None:
-            record(op, name)
+            _last[op] = name
             return name
     raise RuntimeError(f"{op}: no backend can serve these inputs")  # pragma: no cover - torch accepts all
 
 
+_AUTO_CUDA = BACKENDS
+_AUTO_OTHER = tuple(b for b in BACKENDS if b != "triton")
+
+
 def device_reason(t: torch.Tensor, backend: str) -> str | None:
-    """Common device test: None if `backend` can run on `t`'s device, else why not."""
+    """Common device test: None if `backend` can run on `t`'s device, else why not (constant strings: this
+    runs on every call)."""
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
-        if t.is_cuda or (t.device.type == "cpu" and triton_interpret()):
+        if t.is_cuda or (t.is_cpu and triton_interpret()):
             return None
-        return f"tensor on {t.device} (Triton needs CUDA, or CPU with TRITON_INTERPRET=1)"
+        return "Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
     if backend == "cuda":
         if not t.is_cuda:
-            return f"tensor on {t.device}, not CUDA"
+            return "the tensors are not on a CUDA device"
         return None if cuda_extension_available() else "the extension was built without CUDA kernels"
     if backend == "cpu":
-        if t.device.type != "cpu":
-            return f"tensor on {t.device}, not CPU"
-        return None if cpu_extension_available() else "the C++ extension sdxl_kernels._C is not built"
+        if not t.is_cpu:
+            return "the tensors are not on the CPU"
+        return None if extension() is not None else "the C++ extension sdxl_kernels._C is not built"
     return None

@@ -21,6 +21,7 @@ from ..reference import fourier_frequencies
 from ._triton import TRITON_TYPES, KernelSpec, tl, triton
 
 OP = "fourier_embedding"
+_C = backends.extension()
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_HALF = 512  # frequencies per inner step, for every dim (one compiled variant)
 NUM_WARPS = 4
@@ -76,7 +77,7 @@ _freq_cache: dict[tuple, torch.Tensor] = {}
 
 
 def frequencies(dim: int, max_period: float, shift: float, device: torch.device) -> torch.Tensor:
-    key = (dim, float(max_period), float(shift), str(device))
+    key = (dim, max_period, shift, device)
     freqs = _freq_cache.get(key)
     if freqs is None:
         freqs = _freq_cache[key] = fourier_frequencies(dim, max_period, shift, torch.float32, device)
@@ -94,7 +95,7 @@ def _triton_run(values, freqs, out, dim, flip):
 
 def _ext_run(values, freqs, out, dim, flip):
     stream = torch.cuda.current_stream(values.device).cuda_stream if values.is_cuda else 0
-    backends.extension().fourier_embedding(values, freqs, out, dim, flip, stream)
+    _C.fourier_embedding(values, freqs, out, dim, flip, stream)
 
 
 def _torch_run(values, freqs, out, dim, flip):
@@ -232,10 +233,17 @@ def fourier_embedding(
     place and returned.
     """
     _check(values, dim, max_period, out)
-    rows = values.reshape(values.shape[0], values.shape[1] if values.dim() == 2 else 1)  # (B, N)
+    rows = values if values.dim() == 2 else values[:, None]  # (B, N)
     if rows.dtype != torch.float32 or not rows.is_contiguous():
         rows = rows.to(torch.float32).contiguous()
-    if out is not None:
-        fourier_embedding_out_op(rows, out, dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift))
-        return out
-    return fourier_embedding_op(rows, dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift), dtype)
+    args = (dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift))
+    if torch.compiler.is_compiling() or (rows.requires_grad and torch.is_grad_enabled()):
+        if out is not None:
+            fourier_embedding_out_op(rows, out, *args)
+            return out
+        return fourier_embedding_op(rows, *args, dtype)
+    # Eager without autograd: the op's own body, minus the dispatcher's ~10 µs (this op is launch-bound).
+    if out is None:
+        out = torch.empty(rows.shape[0], rows.shape[1] * dim, dtype=dtype, device=rows.device)
+    _run(rows, out, *args)
+    return out
