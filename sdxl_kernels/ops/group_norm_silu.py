@@ -552,6 +552,10 @@ def group_norm_silu_op(
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd); mean and rstd are float32 (N, G)."""
+    return _forward(x, num_groups, weight, bias, eps, silu)
+
+
+def _forward(x, num_groups, weight, bias, eps, silu):
     backend = backends.select(OP, PREDICATES, x, weight, bias)
     if x.numel() == 0:
         return torch.empty_like(x), _empty_stats(x, num_groups), _empty_stats(x, num_groups)
@@ -678,8 +682,14 @@ def group_norm_silu(
     check_inputs(x, num_groups, weight, bias, eps, activation)
     if ncs_strides(x) is None or not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
-    y, _, _ = group_norm_silu_op(x, num_groups, weight, bias, float(eps), activation == "silu")
-    return y
+    args = (x, num_groups, weight, bias, float(eps), activation == "silu")
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
+        return group_norm_silu_op(*args)[0]
+    return _forward(*args)[0]  # inference: the op's body without the dispatcher round trip
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 class GroupNormSiLU(nn.GroupNorm):
