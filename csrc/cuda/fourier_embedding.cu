@@ -3,6 +3,7 @@
 // PyTorch), sincosf (full precision, not the __sinf intrinsic) writes both
 // halves; with odd dim the extra slot j == half writes the zero pad.
 #include "../ops.h"
+#include "dtype.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,17 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride beyond this
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

@@ -20,6 +20,7 @@
 // Partials live in a float32 workspace the caller allocates (ops.h sizes it).
 // No atomics: results are deterministic run to run.
 #include "../ops.h"
+#include "dtype.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,23 +34,6 @@ namespace {
 constexpr int kThreads = static_cast<int>(kCudaThreads);
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ float load_or(const T* p, int64_t i, float fill) {
