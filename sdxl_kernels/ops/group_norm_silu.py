@@ -447,8 +447,7 @@ def _ext_forward(x, num_groups, weight, bias, eps, silu):
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[0], num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    weight = None if weight is None else weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    weight, bias = _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype)
     backends.extension().group_norm_silu_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, silu, _stream(x))
     return y, mean, rstd
 
@@ -458,11 +457,15 @@ def _ext_backward(dy, x, mean, rstd, weight, bias, num_groups, eps, silu):
     dx = torch.empty_like(x)
     dw = torch.empty(c, device=x.device, dtype=torch.float32) if weight is not None else None
     db = torch.empty(c, device=x.device, dtype=torch.float32) if bias is not None else None
-    weight = None if weight is None else weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    weight, bias = _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype)
     ext = backends.extension()
     ext.group_norm_silu_bwd(dy, x, mean, rstd, weight, bias, dx, dw, db, num_groups, silu, _stream(x))
     return dx, dw, db
+
+
+def _as_dtype(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The extension takes weight and bias in x's dtype."""
+    return p if p is None or p.dtype == dtype else p.to(dtype)
 
 
 def _stream(x: torch.Tensor) -> int:
@@ -523,7 +526,7 @@ def _kernel_reason(backend: str):
             return why
         if x.dtype not in KERNEL_DTYPES:
             return f"dtype {x.dtype} (kernels take float32/float16/bfloat16)"
-        if ncs_strides(x) is None or not (x.is_contiguous() or is_channels_last(x)):
+        if not (x.is_contiguous() or is_channels_last(x)):
             return "x is neither contiguous nor channels-last"
         return None
 
@@ -680,7 +683,7 @@ def group_norm_silu(
     Statistics are computed in float32. Other layouts are copied to contiguous first.
     """
     check_inputs(x, num_groups, weight, bias, eps, activation)
-    if ncs_strides(x) is None or not (x.is_contiguous() or is_channels_last(x)):
+    if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
     args = (x, num_groups, weight, bias, float(eps), activation == "silu")
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
