@@ -74,10 +74,6 @@ def last_backend(op: str) -> str | None:
     return _last.get(op)
 
 
-def record(op: str, name: str) -> None:
-    _last[op] = name
-
-
 # ---- what is available -------------------------------------------------------------------------------
 
 
