@@ -9,12 +9,17 @@ Timing (time_providers)
 
 Rows (one per op, case, mode and provider)
   {op, shape, dtype, layout, mode, provider, ms, gbps, pct_of_copy, speedup_vs_eager, launches, error,
-   ms_min, others_cpu}
+   ms_min, others_cpu, tflops, speedup_vs_baseline, baseline}
   ms                the median
-  gbps              the op's minimal memory traffic / ms (each test says what it counts)
+  gbps              the op's minimal memory traffic / ms (each test says what it counts); memory-bound ops
   pct_of_copy       gbps / the GB/s of `dst.copy_(src)` over x's bytes, measured in the same run (a copy moves
                     2 · bytes): how close the op gets to what the memory system delivers
-  speedup_vs_eager  eager's ms / ms, same case and mode
+  tflops            the op's floating-point operations / ms (each test says what it counts); compute-bound ops
+  speedup_vs_eager  eager's ms / ms, same case and mode (None where the op has no "eager" provider)
+  speedup_vs_baseline, baseline
+                    the baseline provider's ms / ms, same case and mode, and which provider that is: "eager"
+                    unless the op names another with Results.set_baseline (attention: "sdpa", PyTorch's own
+                    choice of SDPA backend); the table's "× <baseline>" column and the targets use this
   launches          CUDA kernels (and copies) one call puts on the device (torch.profiler), CUDA only
   error             why a provider produced no time (e.g. torch.compile failed); the run goes on
   ms_min            the fastest single call (CPU only): the figure to trust when the machine was busy; the
@@ -51,7 +56,19 @@ OUT_ENV = "SDXL_BENCH_OUT"
 DEVICE_ENV = "SDXL_BENCH_DEVICE"
 THREADS_ENV = "SDXL_BENCH_THREADS"
 
-PROVIDERS = ("copy", "eager", "compile", "ours-triton", "ours-cuda", "ours-cpu")
+PROVIDERS = (
+    "copy",
+    "eager",
+    "compile",
+    "sdpa",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "sdpa-cudnn",
+    "sdpa-math",
+    "ours-triton",
+    "ours-cuda",
+    "ours-cpu",
+)
 MODES = ("copy", "fwd", "bwd", "fwd+bwd")
 
 CUDA_WARMUP_MS = 25
@@ -154,11 +171,18 @@ class Timing:
 
 
 def time_providers(
-    op: str, steps: dict[str, Callable[[], object]], device: torch.device, *, wall: bool = False
+    op: str,
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    wall: bool = False,
+    warmup_ms: float = CUDA_WARMUP_MS,
+    rep_ms: float = CUDA_REP_MS,
 ) -> dict[str, Timing]:
     """Median ms of each provider's step, each run on its own backend (see forced_backend).
 
-    CUDA, wall=False  `triton.testing.do_bench`: device time of the kernels, one provider after the other.
+    CUDA, wall=False  `triton.testing.do_bench`: device time of the kernels, one provider after the other
+                      (warmup_ms, rep_ms: do_bench's budgets; a test that shortens them says so in a note).
     CUDA, wall=True   torch.utils.benchmark.Timer.blocked_autorange: wall clock per call over blocks of calls
                       and a synchronize, so launches pipeline as they do in a model.
     CPU               wall clock of single calls, the providers taking turns call by call, then the median per
@@ -170,7 +194,7 @@ def time_providers(
         out = {}
         for provider, fn in steps.items():
             with forced_backend(op, provider):
-                out[provider] = _time_blocked(fn) if wall else _time_do_bench(fn)
+                out[provider] = _time_blocked(fn) if wall else _time_do_bench(fn, warmup_ms, rep_ms)
         return out
     ours = [p for p in steps if p.startswith("ours-")]
     if len(ours) <= 1:  # other providers never call our op, so one backend can stay forced throughout
@@ -180,10 +204,10 @@ def time_providers(
     return _time_interleaved(pinned)
 
 
-def _time_do_bench(fn) -> Timing:
+def _time_do_bench(fn, warmup_ms: float = CUDA_WARMUP_MS, rep_ms: float = CUDA_REP_MS) -> Timing:
     from triton.testing import do_bench
 
-    return Timing(float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median")))
+    return Timing(float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")))
 
 
 def _time_blocked(fn) -> Timing:
@@ -270,6 +294,10 @@ def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
 # ---- results ------------------------------------------------------------------------------------------------
 
 
@@ -289,6 +317,9 @@ class Row:
     error: str | None = None
     ms_min: float | None = None
     others_cpu: float | None = None
+    tflops: float | None = None
+    speedup_vs_baseline: float | None = None
+    baseline: str | None = None
 
     @property
     def case(self) -> tuple:
@@ -297,13 +328,36 @@ class Row:
 
 @dataclasses.dataclass
 class Target:
-    """An acceptance figure: every `ours-*` provider of this case and mode at least `min_speedup` × eager."""
+    """An acceptance figure: every `ours-*` provider of this case and mode at least `min_speedup` × the op's
+    baseline provider (eager unless set_baseline said otherwise), and at least `min_tflops` TFLOP/s; either
+    may be None."""
 
     op: str
     case: Case
     mode: str
-    min_speedup: float
+    min_speedup: float | None
     label: str
+    min_tflops: float | None = None
+
+    def wanted(self, baseline: str) -> str:  # "≥ 450 TFLOP/s and ≥ 1.1× sdpa"
+        parts = [] if self.min_tflops is None else [f"≥ {self.min_tflops:g} TFLOP/s"]
+        parts += [] if self.min_speedup is None else [f"≥ {self.min_speedup:g}× {baseline}"]
+        return " and ".join(parts)
+
+    def verdict(self, row: Row, baseline: str) -> str:
+        """What `row` got, and whether that meets the target (by how much it falls short if not)."""
+        checks = []  # (got, wanted, shown, what)
+        if self.min_tflops is not None:
+            shown = "-" if row.tflops is None else f"{row.tflops:.0f} TFLOP/s"
+            checks.append((row.tflops, self.min_tflops, shown, "TFLOP/s"))
+        if self.min_speedup is not None:
+            got = row.speedup_vs_baseline
+            checks.append((got, self.min_speedup, "-" if got is None else f"{got:.2f}×", f"× {baseline}"))
+        shown = ", ".join(c[2] for c in checks)
+        if any(got is None for got, *_ in checks):
+            return f"{shown}, not measured"
+        short = [f"{what} {1 - got / want:.0%} short" for got, want, _, what in checks if got < want]
+        return f"{shown}, " + (f"NOT met ({'; '.join(short)})" if short else "met")
 
 
 class Results:
@@ -313,6 +367,8 @@ class Results:
         self.rows: list[Row] = []
         self.notes: dict[str, list[str]] = {}
         self.targets: list[Target] = []
+        self.baselines: dict[str, str] = {}  # op -> the provider its "× baseline" column divides by
+        self._keyed_notes: dict[tuple[str, str], str] = {}
         self.written: list[pathlib.Path] = []
         self.env: dict | None = None  # environment() of the last write
 
@@ -326,6 +382,7 @@ class Results:
         nbytes: float | None = None,
         launches: int | None = None,
         error: str | None = None,
+        flops: float | None = None,
     ) -> Row:
         row = Row(
             op=op,
@@ -340,44 +397,68 @@ class Results:
             error=error,
             ms_min=timing.ms_min if timing else None,
             others_cpu=timing.others_cpu if timing else None,
+            tflops=tflops(flops, timing.ms) if timing and flops else None,
         )
         self.rows.append(row)
         return row
 
-    def note(self, op: str, text: str) -> None:
+    def note(self, op: str, text: str, *, key: str | None = None) -> None:
+        """Add a note to op's table once; a note with a `key` replaces the last one given that key in place."""
         notes = self.notes.setdefault(op, [])
-        if text not in notes:
+        old = self._keyed_notes.get((op, key)) if key is not None else None
+        if old is not None and old in notes:
+            notes[notes.index(old)] = text
+        elif text not in notes:
             notes.append(text)
+        if key is not None:
+            self._keyed_notes[(op, key)] = text
 
-    def target(self, op: str, case: Case, mode: str, min_speedup: float, label: str) -> None:
+    def set_baseline(self, op: str, provider: str) -> None:
+        """The provider op's speedups are measured against ("eager" when never set)."""
+        self.baselines[op] = provider
+
+    def baseline(self, op: str) -> str:
+        return self.baselines.get(op, "eager")
+
+    def target(
+        self,
+        op: str,
+        case: Case,
+        mode: str,
+        min_speedup: float | None,
+        label: str,
+        *,
+        min_tflops: float | None = None,
+    ) -> None:
         if not any(t.op == op and t.case == case and t.mode == mode for t in self.targets):
-            self.targets.append(Target(op, case, mode, min_speedup, label))
+            self.targets.append(Target(op, case, mode, min_speedup, label, min_tflops))
 
     # -- derived figures, computed once every row is in, whatever order the tests ran in
 
     def finalize(self) -> None:
         copy = {r.case: r for r in self.rows if r.provider == "copy" and r.gbps}
-        eager = {(r.case, r.mode): r for r in self.rows if r.provider == "eager" and r.ms}
+        timed = {(r.case, r.mode, r.provider): r for r in self.rows if r.ms}
         for r in self.rows:
             if r.gbps and r.case in copy and r.provider != "copy":
                 r.pct_of_copy = 100.0 * r.gbps / copy[r.case].gbps
-            base = eager.get((r.case, r.mode))
+            eager = timed.get((r.case, r.mode, "eager"))
+            if eager is not None and r.ms:
+                r.speedup_vs_eager = eager.ms / r.ms
+            r.baseline = self.baseline(r.op)
+            base = timed.get((r.case, r.mode, r.baseline))
             if base is not None and r.ms:
-                r.speedup_vs_eager = base.ms / r.ms
+                r.speedup_vs_baseline = base.ms / r.ms
 
     def target_lines(self, op: str) -> list[str]:
-        lines = []
+        lines, baseline = [], self.baseline(op)
         for t in (t for t in self.targets if t.op == op):
             key = (op, tuple(t.case.shape), dtype_name(t.case.dtype), t.case.layout)
             rows = [r for r in self.rows if r.case == key and r.mode == t.mode]
             ours = [r for r in rows if r.provider.startswith("ours-")]
             if not ours:
-                lines.append(f"target {t.label}: ours ≥ {t.min_speedup:g}× eager: not measured here")
+                lines.append(f"target {t.label}: ours {t.wanted(baseline)}: not measured here")
             for r in ours:
-                got = r.speedup_vs_eager
-                verdict = "not measured" if got is None else ("met" if got >= t.min_speedup else "NOT met")
-                shown = "-" if got is None else f"{got:.2f}×"
-                lines.append(f"target {t.label}: {r.provider} ≥ {t.min_speedup:g}× eager: {shown}, {verdict}")
+                lines.append(f"target {t.label}: {r.provider} {t.wanted(baseline)}: {t.verdict(r, baseline)}")
         return lines
 
     def ops(self) -> list[str]:
@@ -408,7 +489,12 @@ class Results:
         rows = sorted((r for r in self.rows if r.op == op), key=_row_order)
         with_launches = any(r.launches is not None for r in rows)
         with_min = any(r.ms_min is not None for r in rows)
-        head = ["shape", "layout", "dtype", "mode", "provider", "ms", "GB/s", "% of copy", "× eager"]
+        with_tflops = any(r.tflops is not None for r in rows)
+        with_gbps = any(r.gbps is not None for r in rows) or not with_tflops
+        head = ["shape", "layout", "dtype", "mode", "provider", "ms"]
+        head += ["GB/s", "% of copy"] if with_gbps else []
+        head += ["TFLOP/s"] if with_tflops else []
+        head += [f"× {self.baseline(op)}"]
         head += ["min ms"] if with_min else []
         head += ["launches"] if with_launches else []
         lines = [
@@ -429,10 +515,10 @@ class Results:
                 r.mode,
                 r.provider,
                 "error" if r.error else _fmt(r.ms, "{:.4g}") + ("†" if _noisy(r) else ""),
-                _fmt_num(r.gbps),
-                _fmt(r.pct_of_copy, "{:.0f}%"),
-                _fmt(r.speedup_vs_eager, "{:.2f}×"),
             ]
+            cells += [_fmt_num(r.gbps), _fmt(r.pct_of_copy, "{:.0f}%")] if with_gbps else []
+            cells += [_fmt_num(r.tflops)] if with_tflops else []
+            cells += [_fmt(r.speedup_vs_baseline, "{:.2f}×")]
             cells += [_fmt(r.ms_min, "{:.4g}")] if with_min else []
             cells += [_fmt(r.launches, "{}")] if with_launches else []
             lines.append("| " + " | ".join(cells) + " |")

@@ -4,7 +4,8 @@
 #   benchmarks/gpu_run.sh OUTDIR
 #
 # Writes OUTDIR/env.txt, build.log, tests.log, compile_check.log, nvcc_check.log (when nvcc is there),
-# bench.log, the benchmark tables (<device>-<op>.json/.md) and summary.txt (one line per step).
+# bench.log, the benchmark tables (<device>-<op>.json/.md), the attention chart (<device>-attention.png, when
+# matplotlib is installed; plot.log) and summary.txt (one line per step). The chart never fails the run.
 # Every step runs under `timeout` against one deadline (SDXL_GPU_RUN_BUDGET_S, just under 9 minutes by
 # default) that keeps BENCH_MIN_S for the benchmarks; a failing step does not stop the next, and the script
 # exits 1 if any failed.
@@ -113,6 +114,25 @@ else
     echo "nvcc_check     skipped (no nvcc)" | tee -a "$OUT/summary.txt"
 fi
 step bench bench.log 300 0 env SDXL_BENCH_OUT="$OUT" "$PY" -m pytest benchmarks/ --benchmark -q -p no:cacheprovider
+
+# The attention chart: optional equipment, so it is not a step (a failure here is logged, never counted).
+plot() {
+    local json
+    if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+        echo "plot           skipped (matplotlib is not installed)" | tee -a "$OUT/summary.txt"
+        return 0
+    fi
+    for json in "$OUT"/*-attention.json; do
+        [[ -e $json ]] || { echo "plot           skipped (no attention results)" | tee -a "$OUT/summary.txt"; break; }
+        if timeout --kill-after=5 60 "$PY" -m benchmarks.plot "$json" >>"$OUT/plot.log" 2>&1; then
+            echo "plot           ok                       $(basename "${json%.json}.png")" | tee -a "$OUT/summary.txt"
+        else
+            echo "plot           failed (not counted)     plot.log" | tee -a "$OUT/summary.txt"
+        fi
+    done
+    return 0
+}
+plot
 
 echo "total $((SECONDS - START))s; outputs in $OUT" | tee -a "$OUT/summary.txt"
 if ((${#FAILED[@]})); then
