@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m pytest benchmarks/ --benchmark -q "$@"
+"${PYTHON:-python3}" -m pytest benchmarks/ --benchmark -q "$@"
+# The attention TFLOP/s-vs-length plot, when matplotlib is installed (optional).
+for json in "${SDXL_BENCH_OUT:-benchmarks/results}"/*-attention.json; do
+  [ -e "$json" ] && "${PYTHON:-python3}" -m benchmarks.plot "$json" || true
+done
