@@ -59,3 +59,27 @@ def fourier_embedding_ref(
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb.reshape(values.shape[0], -1)  # (B, N * dim)
+
+
+def attention_ref(
+    q: torch.Tensor,  # (..., H, Lq, D)
+    k: torch.Tensor,  # (..., H_kv, Lk, D), H_kv dividing H
+    v: torch.Tensor,  # (..., H_kv, Lk, Dv)
+    causal: bool = False,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # (..., H, Lq, Dv)
+    """softmax(scale · q kᵀ) v with plain matmuls; causal masks key j > query i (top-left aligned, as
+    PyTorch's is_causal). Heads of k/v are repeated when fewer than q's (grouped-query attention)."""
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    if q.dim() >= 3 and kc.shape[-3] != qc.shape[-3]:
+        group = qc.shape[-3] // kc.shape[-3]
+        kc, vc = kc.repeat_interleave(group, dim=-3), vc.repeat_interleave(group, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (qc @ kc.transpose(-2, -1)) * scale  # (..., H, Lq, Lk)
+    if causal:
+        lq, lk = scores.shape[-2:]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ vc).to(out_dtype or q.dtype)

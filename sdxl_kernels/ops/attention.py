@@ -1,0 +1,951 @@
+"""Flash attention (FlashAttention-2): Triton kernels → launchers → torch.library ops → autograd → functions.
+
+Math, per (batch, head), queries Q (Lq, D), keys K and values V (Lk, D), scale s (1/sqrt(D) by default):
+
+    S = s · Q Kᵀ,   P = softmax(S) row-wise (causal: S_ij = -inf where j > i, top-left aligned),   O = P V
+    lse_i = log Σ_j exp(S_ij)   (float32, saved for the backward; O(Lq) per head, never an (Lq, Lk) buffer)
+
+The forward walks K/V in blocks of BLOCK_N with the online softmax, in base 2 with the scale folded in
+(qk_scale = s · log2 e, so exp(S - m) = exp2(s·log2e·QKᵀ - m₂)): per block
+
+    m_new = max(m, rowmax(QKᵀ·qk_scale)),   α = exp2(m - m_new),   P̃ = exp2(QKᵀ·qk_scale - m_new)
+    l = α·l + rowsum(P̃),   acc = α·acc + P̃ V,   m = m_new;   finally O = acc / l,  lse = (m + log2 l)·ln 2
+
+Backward, with dO the gradient of O:
+
+    delta_i = Σ_d dO_id · O_id                   (preprocess kernel; equals rowsum(P ∘ dP))
+    P = exp2(QKᵀ·qk_scale - lse·log2 e),  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - delta)
+    dQ = s · dS K,   dK = s · dSᵀ Q
+
+Deterministic: one kernel owns a K/V block and loops over every query block to accumulate dK, dV; another
+owns a query block and loops over K/V to accumulate dQ. No atomics, so every run gives the same bits. With
+grouped-query attention (GQA) each query head writes float32 dK/dV partials that the launcher sums. Each
+loop runs in two phases: blocks needing no score mask (MASKED=False), then the few on the causal diagonal
+or the ragged end of the sequence (MASKED=True).
+
+Head dims that are not powers of two (40, 80, 96, 160) run in a BLOCK_D = next power of two tile with the
+extra columns masked on load and store; tensors are read and written with all their strides, so
+[B, L, H, D] tensors viewed as [B, H, L, D] need no copies. Queries of head h read K/V head h // GROUP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._triton import TRITON_TYPES, KernelSpec, interpret_upcast, next_power_of_2, tl, triton
+
+OP = "scaled_dot_product_attention"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension, which runs over batch × heads
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    block_m: int  # queries per program
+    block_n: int  # keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int  # dK/dV kernel: queries per inner step
+    block_n1: int  # dK/dV kernel: keys per program
+    block_m2: int  # dQ kernel: queries per program
+    block_n2: int  # dQ kernel: keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+# Forward tiles per arch and BLOCK_D: (long keys, short keys). Short keys (Lk < SHORT_LK, e.g. SDXL's 77
+# text tokens) take a narrow BLOCK_N so the ragged last block wastes less. Chosen so that every variant
+# compiles without spills (python -m sdxl_kernels.tools.compile_check), not yet tuned on a GPU. sm_80's
+# mma.sync keeps more in registers than sm_90's wgmma, hence its narrower tiles for BLOCK_D = 128.
+SHORT_LK = 128
+FWD_CONFIGS = {
+    80: {
+        64: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
+        128: (FwdConfig(128, 32, 8, 3), FwdConfig(128, 32, 8, 3)),
+        256: (FwdConfig(64, 32, 8, 2), FwdConfig(64, 32, 8, 2)),
+    },
+    90: {
+        64: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
+        128: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
+        256: (FwdConfig(64, 32, 8, 2), FwdConfig(64, 32, 8, 2)),
+    },
+}
+BWD_CONFIGS = {
+    80: {
+        64: BwdConfig(32, 128, 128, 32, 8, 3),
+        128: BwdConfig(32, 64, 128, 32, 8, 2),
+        256: BwdConfig(32, 32, 32, 32, 8, 1),
+    },
+    90: {
+        64: BwdConfig(32, 128, 128, 32, 8, 3),
+        128: BwdConfig(16, 64, 128, 32, 8, 2),
+        256: BwdConfig(32, 32, 32, 32, 8, 1),
+    },
+}
+PRE_BLOCK_M = 64  # rows per program of the delta = rowsum(dO ∘ O) kernel
+PRE_WARPS = 4
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(
+        ptrs,  # (ROWS, BLOCK_D) pointers
+        rows,  # (ROWS,) row indices
+        n_rows,
+        CHECK_ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """A (ROWS, BLOCK_D) tile, zero beyond n_rows (when CHECK_ROWS) and beyond HEAD_DIM."""
+        cols = tl.arange(0, BLOCK_D)
+        if CHECK_ROWS:
+            if HEAD_DIM == BLOCK_D:
+                x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            if HEAD_DIM == BLOCK_D:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        return x
+
+    @triton.jit
+    def _rne_bf16(x):
+        """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32. For the interpreter
+        only, whose float32 → bfloat16 cast truncates; GPUs round to nearest."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _like(x, ref, UPCAST: tl.constexpr):
+        """x in ref's dtype, the operand of a tensor-core dot (UPCAST: the rounded value in float32)."""
+        if UPCAST:
+            return _rne_bf16(x)
+        return x.to(ref.dtype)
+
+    @triton.jit
+    def _store_tile(ptrs, x, rows, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+        cols = tl.arange(0, BLOCK_D)
+        if UPCAST and ptrs.dtype.element_ty == tl.bfloat16:
+            x = _rne_bf16(x)  # then the cast below is exact
+        if HEAD_DIM == BLOCK_D:
+            tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr):
+        """acc + a @ b in float32 (acc None: a @ b); UPCAST (interpreter only, bf16) multiplies in float32 because
+        the interpreter's bf16 tl.dot is wrong (Triton issue 11584). The operands are already rounded to
+        bf16 values, so the result matches the GPU's bf16 × bf16 → fp32 product."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _fwd_blocks(
+        acc,  # (BLOCK_M, BLOCK_D) float32
+        m_i,  # (BLOCK_M,) float32, running max in log2 units
+        l_i,  # (BLOCK_M,) float32, running sum
+        q,  # (BLOCK_M, BLOCK_D)
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        offs_m,  # (BLOCK_M,) query rows
+        start_n,
+        end_n,
+        LK,
+        qk_scale,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, BLOCK_D)
+        for n0 in range(start_n, end_n, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
+                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
+                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
+            qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if MASKED:
+                valid = offs_n[None, :] < LK
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(valid, qk, float("-inf"))
+            # Column 0 is visible to every row and comes first, so m_new is finite from the first block on.
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        q_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        k_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        v_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        o_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        lse_ptr,  # (B, H, LQ) float32 contiguous, natural log
+        sm_scale,
+        H,
+        GROUP,
+        LQ,
+        LK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):
+        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
+        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
+        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        stride_qm = stride_qm * ALIGN
+        stride_kn = stride_kn * ALIGN
+        stride_vn = stride_vn * ALIGN
+        stride_om = stride_om * ALIGN
+        pid_m = tl.program_id(0)
+        if CAUSAL:  # the longest rows first: better tail balance
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
+        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
+        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
+        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * ALIGN
+
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
+                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)  # fmt: skip
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+        # Keys [0, lo) need no mask; [lo, hi) are the ragged end and (causal) the diagonal.
+        hi = LK
+        lo = LK // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(LK, m0 + BLOCK_M)
+            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    offs_m, 0, lo, LK, qk_scale,
+                                    False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST)  # fmt: skip
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    offs_m, lo, hi, LK, qk_scale,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST)  # fmt: skip
+
+        out = acc / l_i[:, None]
+        _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
+                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(
+        o_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        do_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        delta_ptr,  # (B, H, LQ) float32 contiguous
+        H,
+        LQ,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):
+        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
+        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
+        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        stride_om = stride_om * ALIGN
+        stride_dom = stride_dom * ALIGN
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * ALIGN
+        do_base = do_ptr + (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
+        o = _load_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, offs_m, LQ,
+                       True, HEAD_DIM, BLOCK_D)  # fmt: skip
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+                        True, HEAD_DIM, BLOCK_D)  # fmt: skip
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(delta_ptr + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
+
+    @triton.jit
+    def _bwd_dkdv_blocks(
+        dk,  # (BLOCK_N1, BLOCK_D) float32
+        dv,  # (BLOCK_N1, BLOCK_D) float32
+        k,  # (BLOCK_N1, BLOCK_D)
+        v,  # (BLOCK_N1, BLOCK_D)
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qm,
+        stride_qd,
+        stride_dom,
+        stride_dod,
+        offs_n,  # (BLOCK_N1,) key rows
+        start_m,
+        end_m,
+        LQ,
+        qk_scale,
+        MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M1: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, BLOCK_D)
+        # The diagonal blocks are few: not pipelining them saves registers (Triton 3.6 spilled here on sm_80).
+        for m0 in tl.range(start_m, end_m, BLOCK_M1, num_stages=1 if MASKED else None):
+            offs_m = m0 + tl.arange(0, BLOCK_M1)
+            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
+                           True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
+            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+                            True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
+            # Rows past LQ get lse = +inf, so their P is exactly 0 and no score mask is needed for them.
+            lse2 = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
+            qk_t = _dot(k, tl.trans(q), None, UPCAST) * qk_scale  # (BLOCK_N1, BLOCK_M1) = (QKᵀ)ᵀ, log2
+            p_t = tl.exp2(qk_t - lse2[None, :])
+            if MASKED:  # causal diagonal: key n is visible to query m iff m >= n
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv = _dot(_like(p_t, do, UPCAST), do, dv, UPCAST)
+            dp_t = _dot(v, tl.trans(do), None, UPCAST)  # (BLOCK_N1, BLOCK_M1) = (dO Vᵀ)ᵀ
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _dot(_like(ds_t, q, UPCAST), q, dk, UPCAST)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        q_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        k_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        v_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        do_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        dk_ptr,  # (B, H, LK, HEAD_DIM) strided: dK (GROUP = 1) or float32 per-query-head partials (GQA)
+        dv_ptr,  # (B, H, LK, HEAD_DIM) strided: likewise
+        lse_ptr,  # (B, H, LQ) float32 contiguous
+        delta_ptr,  # (B, H, LQ) float32 contiguous
+        sm_scale,
+        H,
+        GROUP,
+        LQ,
+        LK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        stride_dkb,
+        stride_dkh,
+        stride_dkn,
+        stride_dkd,
+        stride_dvb,
+        stride_dvh,
+        stride_dvn,
+        stride_dvd,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M1: tl.constexpr,
+        BLOCK_N1: tl.constexpr,
+        UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):
+        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
+        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
+        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        stride_qm = stride_qm * ALIGN
+        stride_kn = stride_kn * ALIGN
+        stride_vn = stride_vn * ALIGN
+        stride_dom = stride_dom * ALIGN
+        stride_dkn = stride_dkn * ALIGN
+        stride_dvn = stride_dvn * ALIGN
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)  # over B * H: one query head, whose K/V head is h // GROUP
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        n0 = pid_n * BLOCK_N1
+        offs_n = n0 + tl.arange(0, BLOCK_N1)
+        offs_d = tl.arange(0, BLOCK_D)
+        k_off = (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
+        v_off = (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
+        k = _load_tile(k_ptr + k_off + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
+                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)  # fmt: skip
+        v = _load_tile(v_ptr + v_off + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
+                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)  # fmt: skip
+        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
+        do_base = do_ptr + (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
+        lse_base = lse_ptr + pid_bh.to(tl.int64) * LQ
+        delta_base = delta_ptr + pid_bh.to(tl.int64) * LQ
+        qk_scale = sm_scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+
+        # Query blocks [start, diag) straddle the causal diagonal of this key block; [diag, LQ) see it whole.
+        diag = 0
+        if CAUSAL:
+            start = n0 // BLOCK_M1 * BLOCK_M1
+            diag = tl.minimum(tl.cdiv(n0 + BLOCK_N1 - 1, BLOCK_M1) * BLOCK_M1, LQ)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, offs_n, start, diag, LQ,
+                                      qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST)  # fmt: skip
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, diag, LQ, LQ,
+                                  qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST)  # fmt: skip
+
+        dk = dk * sm_scale
+        dk_off = (b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh) * ALIGN
+        dv_off = (b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh) * ALIGN
+        _store_tile(dk_ptr + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk, offs_n, LK,
+                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        _store_tile(dv_ptr + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv, offs_n, LK,
+                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+
+    @triton.jit
+    def _bwd_dq_blocks(
+        dq,  # (BLOCK_M2, BLOCK_D) float32
+        q,  # (BLOCK_M2, BLOCK_D)
+        do,  # (BLOCK_M2, BLOCK_D)
+        lse2,  # (BLOCK_M2,) log2 units
+        delta,  # (BLOCK_M2,)
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        offs_m,  # (BLOCK_M2,) query rows
+        start_n,
+        end_n,
+        LK,
+        qk_scale,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N2: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, BLOCK_D)
+        for n0 in range(start_n, end_n, BLOCK_N2):
+            offs_n = n0 + tl.arange(0, BLOCK_N2)
+            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
+                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
+                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
+            qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M2, BLOCK_N2)
+            p = tl.exp2(qk - lse2[:, None])
+            if MASKED:
+                valid = offs_n[None, :] < LK
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                p = tl.where(valid, p, 0.0)
+            dp = _dot(do, tl.trans(v), None, UPCAST)  # (BLOCK_M2, BLOCK_N2)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(_like(ds, k, UPCAST), k, dq, UPCAST)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        q_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        k_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        v_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
+        do_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        dq_ptr,  # (B, H, LQ, HEAD_DIM) strided
+        lse_ptr,  # (B, H, LQ) float32 contiguous
+        delta_ptr,  # (B, H, LQ) float32 contiguous
+        sm_scale,
+        H,
+        GROUP,
+        LQ,
+        LK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        stride_dqb,
+        stride_dqh,
+        stride_dqm,
+        stride_dqd,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M2: tl.constexpr,
+        BLOCK_N2: tl.constexpr,
+        UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):
+        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
+        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
+        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        stride_qm = stride_qm * ALIGN
+        stride_kn = stride_kn * ALIGN
+        stride_vn = stride_vn * ALIGN
+        stride_dom = stride_dom * ALIGN
+        stride_dqm = stride_dqm * ALIGN
+        pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M2
+        offs_m = m0 + tl.arange(0, BLOCK_M2)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_off = (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
+        do_off = (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
+        q = _load_tile(q_ptr + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
+                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_M2, BLOCK_D)  # fmt: skip
+        do = _load_tile(do_ptr + do_off + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+                        True, HEAD_DIM, BLOCK_D)  # (BLOCK_M2, BLOCK_D)  # fmt: skip
+        rows = lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m
+        lse2 = tl.load(rows, mask=offs_m < LQ, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
+        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
+        qk_scale = sm_scale * 1.4426950408889634
+
+        hi = LK
+        lo = LK // BLOCK_N2 * BLOCK_N2
+        if CAUSAL:
+            hi = tl.minimum(LK, m0 + BLOCK_M2)
+            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N2 * BLOCK_N2)
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+        dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, 0, lo, LK, qk_scale,
+                            False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST)  # fmt: skip
+        dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, lo, hi, LK, qk_scale,
+                            True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST)  # fmt: skip
+        dq = dq * sm_scale
+        dq_off = (b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh) * ALIGN
+        _store_tile(dq_ptr + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, offs_m, LQ,
+                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+
+
+# ---- launch configuration ----------------------------------------------------------------------------------
+
+
+def block_d(head_dim: int) -> int:
+    """The power-of-two tile width a head dim runs in: 64, 128 or 256 (smaller head dims pad to 64)."""
+    return max(64, next_power_of_2(head_dim))
+
+
+def _arch(device: torch.device) -> int:
+    """Config table of the device: 90 for Hopper and newer, 80 otherwise (and under the interpreter)."""
+    if device.type != "cuda":
+        return 80
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def fwd_config(head_dim: int, lk: int, device: torch.device) -> FwdConfig:
+    long_keys, short_keys = FWD_CONFIGS[_arch(device)][block_d(head_dim)]
+    return short_keys if lk < SHORT_LK else long_keys
+
+
+def bwd_config(head_dim: int, device: torch.device) -> BwdConfig:
+    return BWD_CONFIGS[_arch(device)][block_d(head_dim)]
+
+
+def _stride_args(*tensors: torch.Tensor) -> tuple[list[int], int]:
+    """The (b, h, l, d) strides of each tensor with b, h, l divided by ALIGN, and ALIGN: 8 (16 bytes of
+    fp16/bf16) when every one of them is a multiple of 8, else 1."""
+    outer = [s for t in tensors for s in t.stride()[:3]]
+    align = 8 if all(s % 8 == 0 for s in outer) else 1
+    args = []
+    for t in tensors:
+        sb, sh, sl, sd = t.stride()
+        args += [sb // align, sh // align, sl // align, sd]
+    return args, align
+
+
+def _triton_forward(q, k, v, causal, scale):
+    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D) → out (B, H, Lq, D) in q's memory layout, lse (B, H, Lq) fp32."""
+    bsz, heads, lq, head_dim = q.shape
+    lk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if lk == 0:  # softmax over no keys: PyTorch returns zeros
+        return out.zero_(), lse.fill_(float("-inf"))
+    cfg = fwd_config(head_dim, lk, q.device)
+    strides, align = _stride_args(q, k, v, out)
+    _attn_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bsz * heads)](
+        q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        UPCAST=interpret_upcast(q.dtype), ALIGN=align, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, causal, scale):
+    """Gradients (dq, dk, dv), each in its input's memory layout."""
+    bsz, heads, lq, head_dim = q.shape
+    heads_kv, lk = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if lq == 0 or lk == 0 or bsz * heads == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if _slice_extent(dout) >= 2**31:  # the forward's inputs were checked; an odd gradient layout is copied
+        dout = dout.contiguous()
+    group = heads // heads_kv
+    bd = block_d(head_dim)
+    delta = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)  # (B, H, Lq)
+    strides, align = _stride_args(out, dout)
+    _attn_bwd_delta_kernel[(triton.cdiv(lq, PRE_BLOCK_M), bsz * heads)](
+        out, dout, delta, heads, lq, *strides,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PRE_BLOCK_M, ALIGN=align, num_warps=PRE_WARPS, num_stages=1,
+    )  # fmt: skip
+    # GQA: each query head writes its own float32 dK/dV partials, summed over the group below (no atomics).
+    dk_h, dv_h = dk, dv
+    if group > 1:
+        dk_h = torch.empty(bsz, heads, lk, head_dim, device=q.device, dtype=torch.float32)  # (B, H, Lk, D)
+        dv_h = torch.empty_like(dk_h)
+    cfg = bwd_config(head_dim, q.device)
+    strides, align = _stride_args(q, k, v, dout, dk_h, dv_h, dq)
+    flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=bd, UPCAST=interpret_upcast(q.dtype), ALIGN=align)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, cfg.block_n1), bsz * heads)](
+        q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk, *strides[:24],
+        BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, **flags, **launch,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[(triton.cdiv(lq, cfg.block_m2), bsz * heads)](
+        q, k, v, dout, dq, lse, delta, scale, heads, group, lq, lk, *strides[:16], *strides[24:],
+        BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **flags, **launch,
+    )  # fmt: skip
+    if group > 1:
+        dk.copy_(dk_h.view(bsz, heads_kv, group, lk, head_dim).sum(2))  # (B, H_kv, Lk, D)
+        dv.copy_(dv_h.view(bsz, heads_kv, group, lk, head_dim).sum(2))
+    return dq, dk, dv
+
+
+# ---- ahead-of-time compile check ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _StagedSpec(KernelSpec):
+    """A KernelSpec that also pins num_stages (the software-pipelining depth of the K/V loops)."""
+
+    num_stages: int = 3
+    divisible_by_16: tuple = ()  # arguments the JIT would see as multiples of 16 (aligned pointers, strides)
+    archs: tuple = (80, 90)  # the archs whose config tables pick this variant
+
+    def options(self) -> dict:
+        return super().options() | {"num_stages": self.num_stages}
+
+
+def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr", "delta_ptr")) -> _StagedSpec:
+    """One variant of fn as the launchers call it: unit head-dim strides (what [B, H, L, D] and [B, L, H, D]
+    tensors have), 16-byte aligned pointers, the other strides known only through ALIGN."""
+    t, names = TRITON_TYPES[dtype], fn.arg_names
+    ptrs = {n: "fp32" if n in fp32 else t for n in names if n.endswith("_ptr")}
+    consts = {k: v for k, v in consts.items() if k in names}
+    consts |= {n: 1 for n in names if n.startswith("stride_") and n.endswith("d")}
+    floats = ("sm_scale",) if "sm_scale" in names else ()
+    return _StagedSpec(fn, label, ptrs, consts, floats, num_warps, num_stages=num_stages,
+                       divisible_by_16=tuple(ptrs), archs=(arch,))  # fmt: skip
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every variant the launchers can pick, for the arch whose table picks it: dtype × BLOCK_D (HEAD_DIM =
+    BLOCK_D) × causal × each distinct tile config; plus, in float16, one padded head dim per BLOCK_D
+    (40, 80, 160: the extra column masks) and the dK/dV kernel writing float32 GQA partials."""
+    specs = []
+    for arch in FWD_CONFIGS:
+        for dtype in KERNEL_DTYPES:
+            t = TRITON_TYPES[dtype]
+            for head_dim, bd in ((64, 64), (128, 128), (256, 256), (40, 64), (80, 128), (160, 256)):
+                if head_dim != bd and dtype != torch.float16:
+                    continue
+                dims = dict(HEAD_DIM=head_dim, BLOCK_D=bd, ALIGN=8)
+                shape = f"{t} D={head_dim}/{bd}"
+                pre = dims | dict(BLOCK_M=PRE_BLOCK_M)
+                specs.append(_spec(_attn_bwd_delta_kernel, f"{shape} M{PRE_BLOCK_M}", dtype, pre, PRE_WARPS, 1, arch))
+                for causal in (False, True):
+                    flags = dims | dict(CAUSAL=causal, UPCAST=False)
+                    tag = f"{shape}{' causal' if causal else ''}"
+                    for c in dict.fromkeys(FWD_CONFIGS[arch][bd]):  # distinct, in order
+                        tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+                        label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}"
+                        specs.append(_spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+                    c = BWD_CONFIGS[arch][bd]
+                    tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1)
+                    label = f"{tag} M{c.block_m1} N{c.block_n1} s{c.num_stages}"
+                    specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+                    if head_dim == bd and dtype == torch.float16:  # GQA: float32 dK/dV partials
+                        partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
+                        specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, c.num_warps,
+                                           c.num_stages, arch, partials))  # fmt: skip
+                    tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2)
+                    label = f"{tag} M{c.block_m2} N{c.block_n2} s{c.num_stages}"
+                    specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+    return specs
+
+
+# ---- backend predicates ------------------------------------------------------------------------------------
+
+
+def _triton_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """None when the Triton kernel serves these `scaled_dot_product_attention` arguments, else why not."""
+    why = backends.device_reason(query, "triton")
+    if why is not None:
+        return why
+    if attn_mask is not None:
+        return "attn_mask is not supported (only is_causal)"
+    if dropout_p != 0.0:
+        return "dropout_p > 0 is not supported"
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} (the kernel takes float16/bfloat16)"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return "query, key and value dtypes differ"
+    if key.device != query.device or value.device != query.device:
+        return "query, key and value are on different devices"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "query, key and value must be 4-D (B, H, L, D)"
+    if key.shape != value.shape:
+        return "key and value shapes differ"
+    bsz, heads, _, head_dim = query.shape
+    if key.shape[0] != bsz or key.shape[3] != head_dim:
+        return "key's batch or head dim differs from query's"
+    heads_kv = key.shape[1]
+    if heads_kv != heads and not (enable_gqa and heads_kv > 0 and heads % heads_kv == 0):
+        return "key/value heads differ from query heads (and enable_gqa is off or they do not divide)"
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
+    if bsz * heads > MAX_GRID_Y:
+        return f"batch × heads = {bsz * heads} > {MAX_GRID_Y}"
+    if any(_slice_extent(t) >= 2**31 for t in (query, key, value)):
+        return "one (batch, head) slice spans 2**31 elements or more (the kernels index it in int32)"
+    return None
+
+
+def _slice_extent(t: torch.Tensor) -> int:
+    """The largest element offset within one (batch, head) slice of a (B, H, L, D) tensor."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:]))
+
+
+PREDICATES = {"triton": _triton_reason, "torch": lambda *a: None}
+
+
+def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """PyTorch's own SDPA (its default backend choice)."""
+    gqa = {"enable_gqa": True} if enable_gqa else {}  # torch < 2.5 has no enable_gqa argument
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
+    )
+
+
+def _require_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    why = _triton_reason(q, k, v, None, 0.0, False, None, True)
+    if why is not None:
+        raise RuntimeError(f"sdxl_kernels::flash_attention: {why}")
+
+
+# ---- torch.library ops ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sdxl_kernels::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D), H_kv dividing H → (out (B, H, Lq, D), lse (B, H, Lq) float32)."""
+    _require_triton(q, k, v)
+    return _triton_forward(q, k, v, causal, scale)
+
+
+@flash_attention_fwd_op.register_fake
+def _(q, k, v, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sdxl_kernels::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from dout (B, H, Lq, D) and the forward's out and lse."""
+    _require_triton(q, k, v)
+    return _triton_backward(dout, q, k, v, out, lse, causal, scale)
+
+
+@flash_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+
+
+def _flash(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if torch.compiler.is_compiling() or needs_grad:
+        return flash_attention_fwd_op(q, k, v, causal, scale)[0]
+    return _triton_forward(q, k, v, causal, scale)[0]  # inference: the op's body without the dispatcher
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention`, same arguments and semantics.
+
+    query (B, H, Lq, D), key/value (B, H_kv, Lk, D) in float16/bfloat16 with D ≤ 256, any strides, no mask or
+    dropout: our flash-attention kernel (H_kv = H, or H_kv dividing H with enable_gqa). Everything else, and
+    CPU tensors unless forced onto the Triton interpreter, goes to PyTorch's SDPA;
+    `sdxl_kernels.last_backend("scaled_dot_product_attention")` says which served. The output keeps query's
+    memory layout, so [B, L, H, D] tensors viewed as [B, H, L, D] give a [B, L, H, D]-contiguous output.
+    """
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if not isinstance(query, torch.Tensor):
+        return _torch_sdpa(*args)  # PyTorch's own TypeError
+    if backends.select(OP, PREDICATES, *args) == "torch":
+        return _torch_sdpa(*args)
+    return _flash(query, key, value, is_causal, scale)
+
+
+def _check_blhd(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, L, H, D), got {t.dim()}-D shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (B, L, H)")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k/v have {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q has head dim {q.shape[3]} but k has {k.shape[3]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k/v heads ({k.shape[2]}) must divide q heads ({q.shape[2]})")
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
+    """Attention over [B, L, H, D] tensors (the layout of a fused QKV projection): q (B, Lq, H, D), k/v
+    (B, Lk, H_kv, D) with H_kv dividing H → (B, Lq, H, D). The same kernel as `scaled_dot_product_attention`
+    through strided views, so no transposes are copied; backends and fallback as there."""
+    _check_blhd(q, k, v)
+    out = scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )  # (B, H, Lq, D), in q's memory layout  # fmt: skip
+    return out.transpose(1, 2)
