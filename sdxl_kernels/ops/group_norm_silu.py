@@ -36,6 +36,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (BLOCK_C, BLOCK_S, num_warps): every tile configuration the launcher may pick (compile_check builds all).
 TILE_CONFIGS = ((2, 1024, 8), (4, 512, 8), (8, 256, 8), (16, 128, 8), (32, 64, 8), (64, 32, 8))
 MAX_SPLIT = 64
+PART_CHUNK = 16  # backward partial sums read per step
 # Without a cap ptxas (CUDA 13) settles near 72 registers and spills a few bytes; 128 leaves room for the
 # pipelined loads and still fits 4 blocks of 128 threads per SM.
 MAXNREG = 128
@@ -257,7 +258,7 @@ if triton is not None:
         stride_xc,
         stride_xs,
         SPLIT,
-        SPLIT_P2: tl.constexpr,
+        PART_CHUNK: tl.constexpr,
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU: tl.constexpr,
@@ -273,17 +274,20 @@ if triton is not None:
         # c1 = Σ_c w_c Σ dz·xhat / M,  c2 = Σ_c w_c Σ dz / M over the whole group (all splits).
         c1 = 0.0
         c2 = 0.0
-        k = tl.arange(0, SPLIT_P2)
         for c0 in range(0, C_PER_G, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C_PER_G
             w = tl.full([BLOCK_C], 1.0, tl.float32)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
-            rows = (n * G * C_PER_G + g * C_PER_G + c)[:, None] * SPLIT + k[None, :]
-            pmask = cmask[:, None] & (k < SPLIT)[None, :]
-            sdzx = tl.sum(tl.load(part_ptr + rows, mask=pmask, other=0.0), axis=1)
-            sdz = tl.sum(tl.load(part_ptr + NC * SPLIT + rows, mask=pmask, other=0.0), axis=1)
+            sdzx = tl.zeros([BLOCK_C], tl.float32)
+            sdz = tl.zeros([BLOCK_C], tl.float32)
+            for k0 in range(0, SPLIT, PART_CHUNK):  # (BLOCK_C, PART_CHUNK) partials at a time: few registers
+                k = k0 + tl.arange(0, PART_CHUNK)
+                rows = (n * G * C_PER_G + g * C_PER_G + c)[:, None] * SPLIT + k[None, :]
+                pmask = cmask[:, None] & (k < SPLIT)[None, :]
+                sdzx += tl.sum(tl.load(part_ptr + rows, mask=pmask, other=0.0), axis=1)
+                sdz += tl.sum(tl.load(part_ptr + NC * SPLIT + rows, mask=pmask, other=0.0), axis=1)
             c1 += tl.sum(tl.where(cmask, w * sdzx, 0.0), axis=0)
             c2 += tl.sum(tl.where(cmask, w * sdz, 0.0), axis=0)
         total = (C_PER_G * S).to(tl.float32)
@@ -332,7 +336,8 @@ def compile_specs() -> list[KernelSpec]:
                     merge = flags | dict(SPLIT_P2=MAX_SPLIT)
                     specs.append(KernelSpec(_gn_fwd_apply_kernel, lab, ptrs, merge, ("eps",), **kw))
                     specs.append(KernelSpec(_gn_bwd_reduce_kernel, lab, ptrs, flags, **kw))
-                    specs.append(KernelSpec(_gn_bwd_apply_kernel, lab, ptrs, merge, **kw))
+                    chunked = flags | dict(PART_CHUNK=PART_CHUNK)
+                    specs.append(KernelSpec(_gn_bwd_apply_kernel, lab, ptrs, chunked, **kw))
     return specs
 
 
@@ -435,7 +440,7 @@ def _triton_backward(dy, x, mean, rstd, weight, bias, num_groups, eps, silu):
     _gn_bwd_reduce_kernel[grid](x, dy, weight, bias, mean, rstd, part, p.n * p.c, *sizes, p.split, **flags, **p.meta)
     _gn_bwd_apply_kernel[grid](
         x, dy, dx, weight, bias, mean, rstd, part, p.n * p.c, *sizes, p.split,
-        SPLIT_P2=MAX_SPLIT, **flags, **p.meta,
+        PART_CHUNK=PART_CHUNK, **flags, **p.meta,
     )  # fmt: skip
     part = part.view(2, p.n, p.c, p.split)
     dw = part[0].sum(dim=(0, 2)) if weight is not None else None  # (C,) Σ dz·xhat
