@@ -272,6 +272,32 @@ def _pinned(op: str, provider: str, fn: Callable[[], object]) -> Callable[[], ob
     return run
 
 
+def mode_step(mode: str, fn: Callable[..., torch.Tensor], inputs: tuple, grad_out: torch.Tensor):
+    """The callable a timer repeats for `mode` on fn(*inputs); building it runs fn once (that is where
+    torch.compile compiles and where a backend refuses a case).
+
+    fwd      inference, under no_grad
+    bwd      torch.autograd.grad of one output over every input, on a graph built once (retain_graph)
+    fwd+bwd  a fresh forward with grad, then that backward
+    """
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        fwd()
+        return fwd
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)  # detach keeps the inputs' strides
+    if mode == "bwd":
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    fwd_bwd = lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)  # noqa: E731
+    fwd_bwd()
+    return fwd_bwd
+
+
 def count_launches(fn: Callable[[], object], device: torch.device) -> int | None:
     """Kernels and copies one call of fn() puts on the GPU, by torch.profiler; None off CUDA or if it fails."""
     if device.type != "cuda":

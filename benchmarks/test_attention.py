@@ -186,32 +186,12 @@ def flops(mode: str, case: Case) -> float:
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def step(mode: str, fn, q, k, v, do):
-    """The callable a timer repeats for `mode`; building it runs fn once (where a backend refuses a case)."""
-    if mode == "fwd":
-
-        def fwd():
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        fwd()
-        return fwd
-    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))  # keep the inputs' strides
-    if mode == "bwd":
-        o = fn(*leaves)
-        torch.autograd.grad(o, leaves, do, retain_graph=True)
-        return lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)
-    fwd_bwd = lambda: torch.autograd.grad(fn(*leaves), leaves, do)  # noqa: E731
-    fwd_bwd()
-    return fwd_bwd
-
-
 def build_step(provider: str, mode: str, fn, q, k, v, do):
-    """step(), with PyTorch's warnings on why an SDPA backend was not used added to the error it raises."""
+    """_report.mode_step(), with PyTorch's warnings on why an SDPA backend was not used added to the error it raises."""
     with warnings.catch_warnings(record=True) as caught, _report.forced_backend(BACKEND_OP, provider):
         warnings.simplefilter("always")
         try:
-            return step(mode, fn, q, k, v, do)
+            return _report.mode_step(mode, fn, (q, k, v), do)
         except Exception as exc:
             why = [" ".join(str(w.message).split()) for w in caught]  # "Flash attention kernel not used because…"
             if not why:

@@ -65,25 +65,6 @@ def traffic(mode: str, x: torch.Tensor) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def step(mode: str, fn, x, weight, bias, dy):
-    """The callable a timer repeats for `mode`; building it runs fn once (that is where torch.compile compiles)."""
-    if mode == "fwd":
-
-        def fwd():
-            with torch.no_grad():
-                return fn(x, weight, bias)
-
-        fwd()
-        return fwd
-    leaves = tuple(t.detach().requires_grad_() for t in (x, weight, bias))
-    if mode == "bwd":
-        y = fn(*leaves)
-        return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
-    fwd_bwd = lambda: torch.autograd.grad(fn(*leaves), leaves, dy)  # noqa: E731
-    fwd_bwd()
-    return fwd_bwd
-
-
 def check_close(fn, x, weight, bias):
     """Times of a wrong kernel are worthless: one forward against eager first."""
     with torch.no_grad():
@@ -133,7 +114,7 @@ def test_group_norm_silu(case: Case):
         for provider, fn in providers.items():
             try:
                 with _report.forced_backend(OP, provider):
-                    steps[provider] = step(mode, fn, x, weight, bias, dy)
+                    steps[provider] = _report.mode_step(mode, fn, (x, weight, bias), dy)
             except Exception as exc:  # torch.compile may fail on a machine; the row says why
                 RESULTS.add(OP, case, mode, provider, error=_report.error_text(exc))
                 if provider != "compile":
