@@ -45,9 +45,14 @@ class KernelSpec:
     floats: tuple = ()  # float scalar arguments
     num_warps: int = 4
     maxnreg: int | None = None
+    num_stages: int | None = None  # software-pipelining depth; None = Triton's default
+    divisible_by_16: tuple = ()  # arguments the JIT sees as multiples of 16 (aligned pointers, strides)
+    archs: tuple = (80, 90)  # the archs whose launch configs pick this variant
 
     def options(self) -> dict:
-        return {"num_warps": self.num_warps} | ({"maxnreg": self.maxnreg} if self.maxnreg else {})
+        opts = {"num_warps": self.num_warps}
+        opts |= {"maxnreg": self.maxnreg} if self.maxnreg else {}
+        return opts | ({"num_stages": self.num_stages} if self.num_stages else {})
 
     def signature(self) -> dict:
         sig = {}

@@ -703,19 +703,7 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
 # ---- ahead-of-time compile check ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _StagedSpec(KernelSpec):
-    """A KernelSpec that also pins num_stages (the software-pipelining depth of the K/V loops)."""
-
-    num_stages: int = 3
-    divisible_by_16: tuple = ()  # arguments the JIT would see as multiples of 16 (aligned pointers, strides)
-    archs: tuple = (80, 90)  # the archs whose config tables pick this variant
-
-    def options(self) -> dict:
-        return super().options() | {"num_stages": self.num_stages}
-
-
-def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr", "delta_ptr")) -> _StagedSpec:
+def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr", "delta_ptr")) -> KernelSpec:
     """One variant of fn as the launchers call it: unit head-dim strides (what [B, H, L, D] and [B, L, H, D]
     tensors have), 16-byte aligned pointers, the other strides known only through ALIGN."""
     t, names = TRITON_TYPES[dtype], fn.arg_names
@@ -723,7 +711,7 @@ def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr"
     consts = {k: v for k, v in consts.items() if k in names}
     consts |= {n: 1 for n in names if n.startswith("stride_") and n.endswith("d")}
     floats = ("sm_scale",) if "sm_scale" in names else ()
-    return _StagedSpec(fn, label, ptrs, consts, floats, num_warps, num_stages=num_stages,
+    return KernelSpec(fn, label, ptrs, consts, floats, num_warps, num_stages=num_stages,
                        divisible_by_16=tuple(ptrs), archs=(arch,))  # fmt: skip
 
 

@@ -328,7 +328,7 @@ def compile_specs() -> list[KernelSpec]:
                 label = f"{t} {layout} BLOCK_C={block_c} BLOCK_S={block_s}"
                 ptrs = dict(x_ptr=t, y_ptr=t, dy_ptr=t, dx_ptr=t, w_ptr=t, b_ptr=t)
                 ptrs |= dict(part_ptr="fp32", mean_ptr="fp32", rstd_ptr="fp32")
-                kw = dict(num_warps=warps, maxnreg=MAXNREG)
+                kw = dict(num_warps=warps, maxnreg=MAXNREG, divisible_by_16=tuple(ptrs))  # torch allocations
                 specs.append(KernelSpec(_gn_stats_kernel, label, ptrs, tile, **kw))
                 for silu in (True, False):
                     flags = tile | dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=silu)

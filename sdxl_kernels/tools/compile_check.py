@@ -66,8 +66,8 @@ def compile_one(job: tuple[int, int]) -> dict:
     row = {"op": op, "kernel": spec.fn.__name__, "config": spec.label, "arch": f"sm_{arch}", "warps": spec.num_warps}
     try:
         # Arguments a spec declares divisible by 16 get the hint the JIT gives aligned pointers and strides.
-        aligned = getattr(spec, "divisible_by_16", ())
-        attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        names = spec.fn.arg_names
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible_by_16 if n in names}
         src = ASTSource(fn=spec.fn, signature=spec.signature(), constexprs=spec.constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options())
         row["triton_smem"] = int(compiled.metadata.shared)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         return 2
     specs = all_specs()
     # A spec may name the archs whose config tables pick it (attention's tiles differ per arch).
-    jobs = [(i, a) for a in args.arch for i, (_, spec) in enumerate(specs) if a in getattr(spec, "archs", (a,))]
+    jobs = [(i, a) for a in args.arch for i, (_, spec) in enumerate(specs) if a in spec.archs]
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs, chunksize=4))
 
