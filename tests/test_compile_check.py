@@ -23,5 +23,8 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path)
     kernels = {r["kernel"] for r in data}
     assert {"_gn_stats_kernel", "_gn_fwd_apply_kernel", "_gn_bwd_reduce_kernel", "_gn_bwd_apply_kernel"} <= kernels
     assert "_fourier_kernel" in kernels
+    assert {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= kernels
+    sm90_fwd = [r for r in data if r["kernel"] == "_attn_fwd_kernel" and r["arch"] == "sm_90"]
+    assert sm90_fwd and all(r["wgmma"] for r in sm90_fwd), "the sm_90 attention forward should use wgmma"
     assert {r["arch"] for r in data} == {"sm_80", "sm_90"}
     assert all(r["registers"] > 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in data)
