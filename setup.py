@@ -30,7 +30,7 @@ if with_cuda:
     Extension = cpp_extension.CUDAExtension
 
 setup(
-    packages=find_packages(include=["sdxl_kernels*"]),
+    packages=find_packages(include=["sdxl_kernels*", "sdxl_model*"]),
     ext_modules=[
         Extension(
             "sdxl_kernels._C",
