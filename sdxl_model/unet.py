@@ -19,39 +19,11 @@ from torch.utils.checkpoint import checkpoint
 import sdxl_kernels
 
 from .config import UNetConfig
+from .layers import GroupNormAct, _KernelSwitch, set_default_use_kernels  # noqa: F401 (re-exported)
 
 RESNET_EPS = 1e-5  # ResBlock and final GroupNorms
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer GroupNorm
 LAYER_NORM_EPS = 1e-5
-
-
-_default_kernels = True
-
-
-def set_default_use_kernels(enabled: bool) -> None:
-    """The process-wide default of every model whose `use_kernels` was not called (or called with None)."""
-    global _default_kernels
-    _default_kernels = bool(enabled)
-
-
-class _KernelSwitch(nn.Module):
-    """A module whose forward can use sdxl_kernels or plain torch; `UNet.use_kernels` flips all of them."""
-
-    _kernels: bool | None = None  # None: follow the process-wide default
-
-    @property
-    def kernels(self) -> bool:
-        return _default_kernels if self._kernels is None else self._kernels
-
-
-class GroupNormAct(sdxl_kernels.GroupNormSiLU, _KernelSwitch):
-    """GroupNorm, optionally followed by SiLU; the state dict of `nn.GroupNorm`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels:
-            return super().forward(x)
-        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(y) if self.activation == "silu" else y
 
 
 class Attention(_KernelSwitch):

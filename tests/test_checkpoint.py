@@ -1,0 +1,311 @@
+"""Checkpoint IO: both layouts against the oracle fixtures, the diffusers key map on the full-size models,
+strictness and bad input, and the save/load round trip."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sdxl_kernels
+from sdxl_model import UNet, UNetConfig, load_weights, save_weights
+from sdxl_model.checkpoint import UNET_PREFIX, diffusers_unet_key_map
+
+from .conftest import fixture_path
+
+SGM_TINY = ["tiny_unet", "tiny_refiner_unet"]
+
+
+def sgm_config(name: str) -> UNetConfig:
+    return UNetConfig.from_sgm(json.loads(fixture_path("sgm", f"{name}.config.json").read_text())["kwargs"])
+
+
+def diffusers_config() -> UNetConfig:
+    return UNetConfig.from_diffusers(json.loads(fixture_path("diffusers", "tiny_unet", "config.json").read_text()))
+
+
+def sgm_file_state(name: str) -> dict[str, torch.Tensor]:
+    return load_file(fixture_path("sgm", f"{name}.safetensors"))
+
+
+# ---- oracle fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("name", SGM_TINY)
+def test_sgm_single_file_reproduces_fixture(name, kernels):
+    """The official layout (fp16 weights, `model.diffusion_model.`) loads into a meta-built model."""
+    io = load_file(fixture_path("sgm", f"{name}.io.safetensors"))
+    with torch.device("meta"):
+        model = UNet(sgm_config(name))
+    load_weights(model, fixture_path("sgm", f"{name}.safetensors"))
+    p = next(model.parameters())
+    assert not p.is_meta and p.dtype == torch.float32 and p.requires_grad
+    model.eval().use_kernels(kernels)
+    with torch.no_grad():
+        out = model(io["x"], io["timesteps"], io["context"], io["y"])
+    torch.testing.assert_close(out, io["out"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(  # the folder kind changes only path resolution: one kernel mode suffices for it
+    "layout, kernels",
+    [("model_folder", True), ("model_folder", False), ("pipeline_folder", False)],
+    ids=["model_folder-kernels", "model_folder-torch", "pipeline_folder-torch"],
+)
+def test_diffusers_folder_reproduces_fixture(layout, kernels, tmp_path):
+    folder = fixture_path("diffusers", "tiny_unet")
+    if layout == "pipeline_folder":
+        shutil.copytree(folder, tmp_path / "unet")
+        (tmp_path / "model_index.json").write_text("{}")
+        folder = tmp_path
+    io = load_file(fixture_path("diffusers", "tiny_unet.io.safetensors"))
+    model = UNet(diffusers_config())  # on CPU: copied in place
+    load_weights(model, folder)
+    model.eval().use_kernels(kernels)
+    b = io["sample"].shape[0]
+    # diffusers' add embedding input: concat(text_embeds, sinusoid(time_ids).reshape(B, -1)) — our ADM vector y
+    y = torch.cat([io["text_embeds"], sdxl_kernels.fourier_embedding(io["time_ids"], 16).reshape(b, -1)], dim=1)
+    with torch.no_grad():
+        out = model(io["sample"], io["timestep"], io["encoder_hidden_states"], y)
+    torch.testing.assert_close(out, io["output"], atol=1e-4, rtol=0)
+
+
+def test_bare_and_diffusers_single_files_load(tmp_path):
+    """A prefix-less sgm state dict and a single diffusers-named file are detected by their keys."""
+    ref = UNet(sgm_config("tiny_unet"))
+    load_weights(ref, fixture_path("sgm", "tiny_unet.safetensors"))
+    bare = {k.removeprefix(UNET_PREFIX): v for k, v in sgm_file_state("tiny_unet").items()}
+    save_file(bare, tmp_path / "bare.safetensors")
+    to_ours = diffusers_unet_key_map(ref.config)
+    save_file({d: bare[o] for d, o in to_ours.items()}, tmp_path / "diffusers.safetensors")
+    for file in ("bare.safetensors", "diffusers.safetensors"):
+        model = UNet(ref.config)
+        load_weights(model, tmp_path / file)
+        for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), (file, k)
+
+
+def test_full_checkpoint_ignores_other_components(tmp_path):
+    state = sgm_file_state("tiny_unet")
+    state["first_stage_model.decoder.conv_in.weight"] = torch.ones(3)
+    state["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(3)
+    save_file(state, tmp_path / "full.safetensors")
+    load_weights(UNet(sgm_config("tiny_unet")), tmp_path / "full.safetensors")
+
+
+# ---- the diffusers key map on the full-size models --------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, keys_file", [
+    (UNetConfig.sdxl_base, "sdxl_unet.keys.json"),
+    (UNetConfig.sdxl_refiner, "sdxl_refiner_unet.keys.json"),
+])
+def test_diffusers_key_map_is_a_bijection_with_matching_shapes(preset, keys_file):
+    listing = json.loads(fixture_path("diffusers", keys_file).read_text())
+    with torch.device("meta"):
+        model = UNet(preset())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapping = diffusers_unet_key_map(model.config, list(ours))
+    assert len(set(mapping.values())) == len(mapping) == len(ours) == listing["num_tensors"]
+    assert set(mapping.values()) == set(ours)
+    assert {d: ours[o] for d, o in mapping.items()} == {k: tuple(v) for k, v in listing["keys"].items()}
+
+
+def test_diffusers_config_of_full_size_matches_preset():
+    """The full-size diffusers configs convert to our presets, so their folders pass the config check."""
+    for preset, name in [(UNetConfig.sdxl_base, "sdxl_unet_config.json"),
+                         (UNetConfig.sdxl_refiner, "sdxl_refiner_unet_config.json")]:
+        assert UNetConfig.from_diffusers(json.loads(fixture_path("diffusers", name).read_text())) == preset()
+
+
+# ---- dtype, round trip -------------------------------------------------------------------------------------
+
+
+def test_fp16_weights_cast_to_model_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        model = UNet(sgm_config("tiny_unet")).to(dtype)
+        load_weights(model, fixture_path("sgm", "tiny_unet.safetensors"))
+        src = sgm_file_state("tiny_unet")
+        for k, v in model.state_dict().items():
+            assert v.dtype == dtype
+            torch.testing.assert_close(v, src[UNET_PREFIX + k].to(dtype), atol=0, rtol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = UNet(sgm_config("tiny_refiner_unet"))
+    load_weights(model, fixture_path("sgm", "tiny_refiner_unet.safetensors"))
+    save_weights(model, tmp_path / "unet.safetensors")
+    saved = load_file(tmp_path / "unet.safetensors")
+    assert all(k.startswith(UNET_PREFIX) for k in saved)
+    with torch.device("meta"):
+        again = UNet(model.config)
+    load_weights(again, tmp_path / "unet.safetensors")
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_pickle_allowed_explicitly(tmp_path):
+    state = {"state_dict": sgm_file_state("tiny_unet")}
+    torch.save(state, tmp_path / "unet.ckpt")
+    model = UNet(sgm_config("tiny_unet"))
+    load_weights(model, tmp_path / "unet.ckpt", allow_pickle=True)
+    torch.testing.assert_close(model.out[2].weight, state["state_dict"][UNET_PREFIX + "out.2.weight"].float())
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_pickle_refused_by_default(tmp_path):
+    torch.save(sgm_file_state("tiny_unet"), tmp_path / "unet.ckpt")
+    with pytest.raises(ValueError, match=r"unet\.ckpt.*allow_pickle=True"):
+        load_weights(UNet(sgm_config("tiny_unet")), tmp_path / "unet.ckpt")
+
+
+def test_not_safetensors(tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("this is not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"notes\.safetensors: not a readable safetensors file"):
+        load_weights(UNet(sgm_config("tiny_unet")), bad)
+
+
+def test_truncated_file(tmp_path):
+    data = fixture_path("sgm", "tiny_unet.safetensors").read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: not a readable safetensors file"):
+        load_weights(UNet(sgm_config("tiny_unet")), bad)
+
+
+def test_missing_unexpected_and_misshaped_reported_together(tmp_path):
+    state = sgm_file_state("tiny_unet")
+    state.pop(UNET_PREFIX + "middle_block.1.proj_out.weight")
+    state[UNET_PREFIX + "input_blocks.1.0.in_layers.1.weight"] = torch.ones(32)
+    state[UNET_PREFIX + "out.2.bias"] = torch.zeros(5)
+    save_file(state, tmp_path / "bad.safetensors")
+    model = UNet(sgm_config("tiny_unet"))
+    before = model.out[2].weight.clone()
+    with pytest.raises(ValueError) as info:
+        load_weights(model, tmp_path / "bad.safetensors")
+    msg = str(info.value)
+    assert "1 missing: middle_block.1.proj_out.weight" in msg
+    assert "1 unexpected: input_blocks.1.0.in_layers.1.weight" in msg
+    assert "1 with the wrong shape: out.2.bias (checkpoint (5,), model (4,))" in msg
+    assert torch.equal(model.out[2].weight, before), "a failed load must leave the model untouched"
+
+
+def test_sd15_checkpoint_rejected(tmp_path):
+    """SD 1.x: convolutional proj_in, 768-wide context, no label_emb."""
+    state = {
+        UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+        UNET_PREFIX + "input_blocks.1.1.proj_in.weight": torch.zeros(320, 320, 1, 1),
+        UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+    }
+    save_file(state, tmp_path / "sd15.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)missing.*SD 1\.x/2\.x UNet.*the model is a UNet"):
+        load_weights(UNet(sgm_config("tiny_unet")), tmp_path / "sd15.safetensors")
+
+
+def test_lora_rejected(tmp_path):
+    state = {
+        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+        "lora_unet_input_blocks_1_1_proj_in.alpha": torch.tensor(4.0),
+    }
+    save_file(state, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match=r"lora\.safetensors: this looks like a LoRA"):
+        load_weights(UNet(sgm_config("tiny_unet")), tmp_path / "lora.safetensors")
+
+
+def test_refiner_for_base_names_both(tmp_path):
+    """A refiner-shaped checkpoint (ADM vector 2560) for a base-shaped model (2816): the error names both."""
+    small = dict(model_channels=32, channel_mult=(1, 2), transformer_depth=(0, 1), transformer_depth_middle=1,
+                 num_head_channels=32, context_dim=32)
+    refiner = UNet(UNetConfig(**small, adm_in_channels=2560))
+    save_weights(refiner, tmp_path / "refiner.safetensors")
+    with torch.device("meta"):
+        base = UNet(UNetConfig(**small, adm_in_channels=2816))
+    with pytest.raises(ValueError, match=r"(?s)refiner\.safetensors does not match.*1 with the wrong shape: "
+                       r"label_emb\.0\.0\.weight.*looks like an SDXL refiner UNet.*2816 \(as the SDXL base\)"):
+        load_weights(base, tmp_path / "refiner.safetensors")
+
+
+def test_full_size_refiner_for_base_message():
+    """On the full-size meta models (no memory): the preset names appear in the report."""
+    from sdxl_model.checkpoint import _describe_config, _describe_unet, check_state_shapes
+
+    with torch.device("meta"):
+        refiner, base = UNet(UNetConfig.sdxl_refiner()), UNet(UNetConfig.sdxl_base())
+    found = {k: tuple(v.shape) for k, v in refiner.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    hint = f"the checkpoint looks like {_describe_unet(found)}; the model is {_describe_config(base.config)}"
+    with pytest.raises(ValueError, match=r"(?s)missing.*unexpected.*wrong shape.*SDXL refiner UNet.*"
+                       r"the model is the SDXL base UNet"):
+        check_state_shapes(expected, found, source="refiner.safetensors", hint=hint)
+
+
+def test_refiner_file_for_base_config(tmp_path):
+    """End to end with the tiny fixtures: refiner weights into the base-structured tiny UNet."""
+    with pytest.raises(ValueError, match=r"(?s)tiny_refiner_unet\.safetensors does not match.*missing.*unexpected"):
+        load_weights(UNet(sgm_config("tiny_unet")), fixture_path("sgm", "tiny_refiner_unet.safetensors"))
+
+
+def test_diffusers_config_mismatch(tmp_path):
+    folder = tmp_path / "unet"
+    shutil.copytree(fixture_path("diffusers", "tiny_unet"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_head_dim"] = [1, 1, 2]  # head counts: same shapes, other math
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_head_channels=16"):
+        load_weights(UNet(diffusers_config()), folder)
+
+
+def test_folder_without_model(tmp_path):
+    with pytest.raises(ValueError, match="diffusers model folder"):
+        load_weights(UNet(UNetConfig.tiny()), tmp_path)
+
+
+def test_diffusers_folder_with_pickled_weights(tmp_path):
+    """Older folders ship diffusion_pytorch_model.bin: refused unless allow_pickle, then loaded."""
+    src = fixture_path("diffusers", "tiny_unet")
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    shutil.copy(src / "config.json", folder / "config.json")
+    state = load_file(src / "diffusion_pytorch_model.safetensors")
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin: refusing to unpickle"):
+        load_weights(UNet(diffusers_config()), folder)
+    model = load_weights(UNet(diffusers_config()), folder, allow_pickle=True)
+    torch.testing.assert_close(model.input_blocks[0][0].weight, state["conv_in.weight"], atol=0, rtol=0)
+
+
+def test_only_unet_supported_for_now():
+    with pytest.raises(TypeError, match="UNet"):
+        load_weights(torch.nn.Linear(2, 2), "unused.safetensors")
+
+
+def _memory_mib() -> dict[str, float]:
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+def test_meta_load_needs_no_second_copy(tmp_path):
+    """Build on meta, load, touch every weight: peak RSS grows by about the model's bytes, not twice that."""
+    cfg = UNetConfig(model_channels=64, transformer_depth=(0, 2, 4), transformer_depth_middle=4, context_dim=256,
+                     adm_in_channels=256)
+    save_weights(UNet(cfg), tmp_path / "unet.safetensors")
+    with torch.device("meta"):
+        model = UNet(cfg)
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = _memory_mib()["VmRSS"]
+    load_weights(model, tmp_path / "unet.safetensors")
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())  # fault every page in
+    peak = _memory_mib()["VmHWM"] - before
+    assert checksum == checksum  # not NaN
+    assert peak <= 1.1 * model_mib + 16, f"peak +{peak:.0f} MiB for a {model_mib:.0f} MiB model"
