@@ -1,8 +1,10 @@
 """Checkpoint IO at the loading edge: official single-file and diffusers layouts into our modules.
 
 Our modules use sgm's parameter names, so the official single-file layout loads after stripping its
-component prefix (`model.diffusion_model.` for the UNet). The diffusers layout goes through an explicit key
-map derived from the config (`diffusers_unet_key_map`). Loading is strict: every missing, unexpected or
+component prefix (`model.diffusion_model.` for the UNet, `first_stage_model.` for the VAE). The diffusers
+layout goes through an explicit key map derived from the config (`diffusers_unet_key_map`, and
+`diffusers_vae_key_map` in vae.py). `load_pipeline_components` builds both models on the meta device and
+loads a whole checkpoint (single file or diffusers pipeline folder), telling base from refiner. Loading is strict: every missing, unexpected or
 mis-shaped tensor is reported together in one ValueError; nothing is silently skipped.
 
 Only safetensors files are read by default; pickled files (`.ckpt`, `.bin`, `.pt`, `.pth`) need
@@ -10,6 +12,7 @@ Only safetensors files are read by default; pickled files (`.ckpt`, `.bin`, `.pt
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,14 +24,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import UNetConfig
+from .config import UNetConfig, VAEConfig
 from .unet import UNet
+from .vae import AutoencoderKL, diffusers_vae_key_map
 
 PathLike = str | os.PathLike
 
 UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
 # Components of a full single-file checkpoint that are not the UNet; ignored when loading a UNet.
 OTHER_COMPONENT_PREFIXES = ("first_stage_model.", "conditioner.", "cond_stage_model.", "denoiser.", "model_ema.")
+# Every component prefix of a full single-file checkpoint; a VAE load ignores all but VAE_PREFIX.
+ALL_COMPONENT_PREFIXES = (UNET_PREFIX,) + OTHER_COMPONENT_PREFIXES
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -167,24 +174,29 @@ def _load_pickled(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _resolve_unet_file(path: Path) -> tuple[Path, bool, dict | None]:
-    """(weights file, is_diffusers_layout, diffusers config or None) for a file or a diffusers folder."""
+def _resolve_file(path: Path, component: str = "unet") -> tuple[Path, bool, dict | None]:
+    """(weights file, is_diffusers_layout, diffusers config or None) for a file, a diffusers model folder or a
+    pipeline folder holding `component/` (unet or vae)."""
     if path.is_file():
         return path, False, None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    if (path / "unet").is_dir() and not (path / "config.json").exists():
-        path = path / "unet"  # a pipeline folder
+    if (path / component).is_dir() and not (path / "config.json").exists():
+        path = path / component  # a pipeline folder
     config_file = path / "config.json"
     if not config_file.exists():
         raise ValueError(f"{path}: a folder must be a diffusers model folder (config.json + "
-                         f"{DIFFUSERS_WEIGHT_NAMES[0]}) or a pipeline folder with unet/")
+                         f"{DIFFUSERS_WEIGHT_NAMES[0]}) or a pipeline folder with {component}/")
     for name in DIFFUSERS_WEIGHT_NAMES:
         if (path / name).exists():
             return path / name, True, json.loads(config_file.read_text())
     if (path / (DIFFUSERS_WEIGHT_NAMES[0] + ".index.json")).exists():
         raise ValueError(f"{path}: sharded diffusers weights are not supported yet")
     raise ValueError(f"{path}: none of {', '.join(DIFFUSERS_WEIGHT_NAMES)} found")
+
+
+def _resolve_unet_file(path: Path) -> tuple[Path, bool, dict | None]:
+    return _resolve_file(path, "unet")
 
 
 # ---- naming and validation -------------------------------------------------------------------------------
@@ -253,7 +265,12 @@ def check_state_shapes(
 
 
 def load_weights(model: nn.Module, path: PathLike, *, allow_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint into `model` (currently a `UNet`), strictly, casting to the model's dtypes.
+    """Load a checkpoint into `model` (a `UNet` or an `AutoencoderKL`), strictly, casting to the model's dtypes.
+
+    For an `AutoencoderKL` the same rules apply with the VAE's layouts: the official single file
+    (`first_stage_model.*`; UNet and text-encoder tensors in the same file are ignored), a bare VAE state dict
+    in our (sgm) names, a diffusers-named file, a diffusers `vae/` model folder or a pipeline folder with `vae/`.
+    The rest of this docstring describes the UNet case.
 
     path: a single file — the official layout (`model.diffusion_model.*`; other components such as the VAE
     and text encoders in the same file are ignored), a bare UNet state dict in our (sgm) names, or one in
@@ -265,8 +282,10 @@ def load_weights(model: nn.Module, path: PathLike, *, allow_pickle: bool = False
     the weights land on the CPU. Otherwise the parameters are copied in place, one tensor at a time, onto
     whatever device they live on. Returns the model.
     """
+    if isinstance(model, AutoencoderKL):
+        return _load_vae(model, Path(path), allow_pickle)
     if not isinstance(model, UNet):
-        raise TypeError(f"load_weights supports UNet models for now, got {type(model).__name__}")
+        raise TypeError(f"load_weights supports UNet and AutoencoderKL models, got {type(model).__name__}")
     path = Path(path)
     file, diffusers_folder, diffusers_config = _resolve_unet_file(path)
     if diffusers_config is not None:
@@ -344,11 +363,193 @@ def _copy_into(model: nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor
             target.copy_(tensors[name]())
 
 
+def _load_vae(model: AutoencoderKL, path: Path, allow_pickle: bool) -> AutoencoderKL:
+    file, diffusers_folder, diffusers_config = _resolve_file(path, "vae")
+    if diffusers_config is not None:
+        _check_diffusers_vae_config(diffusers_config, model.config, path)
+    source = _TensorSource(file, allow_pickle)
+    names = _vae_names(source.shapes, model.config, file, diffusers_folder)  # our name -> name in file
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # diffusers stores the mid-block attention projections as Linear (C, C); ours are 1x1 convs (C, C, 1, 1)
+    as_conv = {ours for ours, theirs in names.items()
+               if _is_vae_attn_proj(ours) and len(source.shapes[theirs]) == 2 and len(expected.get(ours, ())) == 4}
+    found = {ours: source.shapes[theirs] + ((1, 1) if ours in as_conv else ()) for ours, theirs in names.items()}
+    hint = None
+    if any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in found):
+        hint = "the checkpoint holds UNet tensors; the model is an AutoencoderKL"
+    elif "encoder.conv_in.weight" in found and "encoder.conv_in.weight" in expected:
+        ch = found["encoder.conv_in.weight"][0]
+        if ch != expected["encoder.conv_in.weight"][0]:
+            hint = f"the checkpoint's VAE has {ch} base channels, the model {model.config.channels}"
+    check_state_shapes(expected, found, source=str(file), hint=hint)
+
+    def reader(ours: str, theirs: str):
+        def read():
+            t = source.get(theirs)
+            return t[:, :, None, None] if ours in as_conv else t
+        return read
+
+    _copy_into(model, {ours: reader(ours, theirs) for ours, theirs in names.items()})
+    return model
+
+
+def _is_vae_attn_proj(name: str) -> bool:
+    return ".mid.attn_1." in name and name.endswith(".weight") and ".norm." not in name
+
+
+def _check_diffusers_vae_config(config: Mapping, ours: VAEConfig, folder: Path) -> None:
+    try:
+        theirs = VAEConfig.from_diffusers(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{folder}: config.json is not an SDXL-style AutoencoderKL config: {e}") from e
+    diff = [f"{f}={getattr(theirs, f)!r} (model {getattr(ours, f)!r})" for f in ours.__dataclass_fields__
+            if getattr(theirs, f) != getattr(ours, f)]
+    if diff:
+        raise ValueError(f"{folder}: config.json describes another VAE than the model; differs in {', '.join(diff)}")
+
+
+_VAE_BARE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _vae_names(shapes: Mapping[str, tuple], cfg: VAEConfig, file: Path, diffusers: bool) -> dict[str, str]:
+    """{our name: name in the file} for the VAE tensors of a file, by layout detection (see _unet_names)."""
+    lora = _looks_like_lora(shapes)
+    if lora is not None:
+        raise ValueError(f"{file}: this looks like a LoRA / adapter (e.g. {lora!r}), not full VAE weights")
+    if any(k.startswith(VAE_PREFIX) for k in shapes):  # official single file
+        return {
+            k.removeprefix(VAE_PREFIX): k
+            for k in shapes
+            if k.startswith(VAE_PREFIX) or not k.startswith(ALL_COMPONENT_PREFIXES)
+        }
+    diffusers_names = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")
+    if diffusers or any(k.startswith(diffusers_names) for k in shapes):
+        to_ours = diffusers_vae_key_map(cfg)
+        return {to_ours.get(k, k): k for k in shapes}
+    if not any(k.startswith(_VAE_BARE_PREFIXES) for k in shapes):
+        unet = any(k.startswith((UNET_PREFIX, "input_blocks.", "down_blocks.")) for k in shapes)
+        what = " (it holds a UNet)" if unet else ""
+        raise ValueError(
+            f"{file}: no VAE tensors found{what}; expected the official layout ('{VAE_PREFIX}encoder...'), "
+            f"a diffusers AutoencoderKL ('encoder.down_blocks...') or a bare VAE state dict ('encoder...', "
+            f"'decoder...'); first keys: {_first(shapes, 3)}"
+        )
+    return {k: k for k in shapes}
+
+
+def _prefix_of(model: nn.Module) -> str:
+    if isinstance(model, UNet):
+        return UNET_PREFIX
+    if isinstance(model, AutoencoderKL):
+        return VAE_PREFIX
+    raise TypeError(f"save_weights supports UNet and AutoencoderKL models, got {type(model).__name__}")
+
+
 def save_weights(model: nn.Module, path: PathLike) -> None:
-    """Save a UNet in the official single-file layout (`model.diffusion_model.*`, safetensors)."""
-    if not isinstance(model, UNet):
-        raise TypeError(f"save_weights supports UNet models for now, got {type(model).__name__}")
-    state = {UNET_PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """Save a UNet (`model.diffusion_model.*`) or a VAE (`first_stage_model.*`) in the official single-file
+    layout (safetensors). Use `save_components` for several models in one file."""
+    save_components([model], path)
+
+
+def save_components(models, path: PathLike) -> None:
+    """Several models (a UNet, a VAE) in one official-layout single file, each under its own prefix."""
+    state = {}
+    for model in models:
+        prefix = _prefix_of(model)
+        state.update({prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()})
     if any(v.is_meta for v in state.values()):
         raise ValueError("cannot save a model whose weights are still on the meta device")
     save_file(state, str(path), metadata={"format": "pt"})
+
+
+# ---- whole pipelines -------------------------------------------------------------------------------------
+
+ADM_WIDTHS = {2816: "base", 2560: "refiner"}
+
+
+@dataclasses.dataclass
+class PipelineComponents:
+    """The models of an SDXL checkpoint. kind: "base", "refiner", or None where neither the ADM width nor the
+    file's other contents tell (e.g. small test models). layout: "single_file" or "diffusers".
+
+    text_encoder / text_encoder_2 are None for now: TODO load CLIP ViT-L and OpenCLIP bigG (the conditioning
+    module's encoders) from `conditioner.embedders.*` / `text_encoder*/` once those loaders exist."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    kind: str | None
+    layout: str
+    text_encoder: nn.Module | None = None
+    text_encoder_2: nn.Module | None = None
+
+
+def detect_kind(shapes: Mapping[str, tuple]) -> str | None:
+    """"base" / "refiner" / None from the tensor names and shapes of an official single file: the ADM vector
+    width (`label_emb.0.0.weight`: 2816 base, 2560 refiner), else the text encoders present (the base has
+    CLIP-L at embedders.0 and bigG at embedders.1, the refiner only bigG at embedders.0)."""
+    label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight") or shapes.get("label_emb.0.0.weight")
+    if label is not None and label[1] in ADM_WIDTHS:
+        return ADM_WIDTHS[label[1]]
+    names = list(shapes)
+    if any(k.startswith("conditioner.embedders.1.model.") for k in names):
+        return "base"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in names):
+        return "refiner"
+    return None
+
+
+def _preset(kind: str | None, what: str) -> UNetConfig:
+    if kind == "base":
+        return UNetConfig.sdxl_base()
+    if kind == "refiner":
+        return UNetConfig.sdxl_refiner()
+    raise ValueError(f"{what}: cannot tell an SDXL base (ADM vector 2816) from a refiner (2560); pass unet_config")
+
+
+def load_pipeline_components(
+    path: PathLike,
+    *,
+    unet_config: UNetConfig | None = None,
+    vae_config: VAEConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> PipelineComponents:
+    """UNet and VAE of an SDXL checkpoint — an official single file or a diffusers pipeline folder (`unet/`,
+    `vae/`, optionally `model_index.json`) — built on the meta device and loaded by assignment (no second copy
+    of the weights in RAM). Base vs refiner is detected from the keys (single file) or from unet/config.json
+    (folder; `model_index.json`'s pipeline class as a fallback). Configs default to the SDXL presets (single
+    file) or the folders' config.json; pass them for other models. The VAE runs in `vae_dtype` (default
+    `dtype`, but float32 when dtype is float16: the SDXL VAE overflows in float16). Text encoders: None (TODO).
+    """
+    path = Path(path)
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    if path.is_dir():
+        layout = "diffusers"
+        for part in ("unet", "vae"):
+            if not (path / part / "config.json").exists():
+                raise ValueError(f"{path}: not a diffusers pipeline folder (no {part}/config.json)")
+        if unet_config is None:
+            unet_config = UNetConfig.from_diffusers(json.loads((path / "unet" / "config.json").read_text()))
+        if vae_config is None:
+            vae_config = VAEConfig.from_diffusers(json.loads((path / "vae" / "config.json").read_text()))
+        kind = ADM_WIDTHS.get(unet_config.adm_in_channels)
+        index = path / "model_index.json"
+        if kind is None and index.exists():
+            cls = json.loads(index.read_text()).get("_class_name", "")
+            kind = "refiner" if "Img2Img" in cls else "base" if cls.startswith("StableDiffusionXL") else None
+    else:
+        layout = "single_file"
+        file, _, _ = _resolve_file(path)
+        kind = detect_kind(_TensorSource(file, allow_pickle).shapes)
+        if unet_config is None:
+            unet_config = _preset(kind, str(path))
+        if vae_config is None:
+            vae_config = VAEConfig.sdxl()
+    with torch.device("meta"):
+        unet = UNet(unet_config).to(dtype)
+        vae = AutoencoderKL(vae_config).to(vae_dtype)
+    load_weights(unet, path, allow_pickle=allow_pickle)
+    load_weights(vae, path, allow_pickle=allow_pickle)
+    return PipelineComponents(unet=unet.eval(), vae=vae.eval(), kind=kind, layout=layout)

@@ -309,3 +309,176 @@ def test_meta_load_needs_no_second_copy(tmp_path):
     peak = _memory_mib()["VmHWM"] - before
     assert checksum == checksum  # not NaN
     assert peak <= 1.1 * model_mib + 16, f"peak +{peak:.0f} MiB for a {model_mib:.0f} MiB model"
+
+
+# ---- the VAE ---------------------------------------------------------------------------------------------
+
+from sdxl_model import AutoencoderKL, VAEConfig  # noqa: E402
+from sdxl_model.checkpoint import (  # noqa: E402
+    VAE_PREFIX,
+    detect_kind,
+    load_pipeline_components,
+    save_components,
+)
+
+
+def sgm_vae_config() -> VAEConfig:
+    kwargs = json.loads(fixture_path("sgm", "tiny_vae.config.json").read_text())["kwargs"]
+    return VAEConfig.from_sgm(kwargs["ddconfig"], kwargs["embed_dim"])
+
+
+def diffusers_vae_config() -> VAEConfig:
+    return VAEConfig.from_diffusers(json.loads(fixture_path("diffusers", "tiny_vae", "config.json").read_text()))
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_vae_sgm_single_file_reproduces_fixture(kernels):
+    io = load_file(fixture_path("sgm", "tiny_vae.io.safetensors"))
+    with torch.device("meta"):
+        vae = AutoencoderKL(sgm_vae_config())
+    load_weights(vae, fixture_path("sgm", "tiny_vae.safetensors"))
+    assert not next(vae.parameters()).is_meta
+    vae.eval().use_kernels(kernels)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(io["latent"]), io["decoded"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["model_folder", "pipeline_folder", "single_file"])
+def test_vae_diffusers_reproduces_fixture(layout, tmp_path):
+    folder = fixture_path("diffusers", "tiny_vae")
+    if layout == "pipeline_folder":
+        (tmp_path / "vae").symlink_to(folder, target_is_directory=True)
+        folder = tmp_path
+    elif layout == "single_file":  # a diffusers-named file, detected by its keys
+        folder = folder / "diffusion_pytorch_model.safetensors"
+    io = load_file(fixture_path("diffusers", "tiny_vae.io.safetensors"))
+    vae = AutoencoderKL(diffusers_vae_config())  # on CPU: copied in place
+    load_weights(vae, folder)
+    vae.eval().use_kernels(False)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(io["latent"]), io["decoded"], atol=1e-4, rtol=0)
+
+
+def test_vae_bare_state_dict_and_round_trip(tmp_path):
+    ref = load_weights(AutoencoderKL(sgm_vae_config()), fixture_path("sgm", "tiny_vae.safetensors"))
+    save_weights(ref, tmp_path / "vae.safetensors")
+    saved = load_file(tmp_path / "vae.safetensors")
+    assert saved and all(k.startswith(VAE_PREFIX) for k in saved)
+    save_file({k.removeprefix(VAE_PREFIX): v for k, v in saved.items()}, tmp_path / "bare.safetensors")
+    for file in ("vae.safetensors", "bare.safetensors"):
+        with torch.device("meta"):
+            again = AutoencoderKL(ref.config)
+        load_weights(again, tmp_path / file)
+        for (k, a), b in zip(ref.state_dict().items(), again.state_dict().values()):
+            assert torch.equal(a, b), (file, k)
+
+
+def test_vae_fp16_weights_cast_to_bf16():
+    vae = AutoencoderKL(sgm_vae_config()).to(torch.bfloat16)
+    load_weights(vae, fixture_path("sgm", "tiny_vae.safetensors"))
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
+
+
+def _unet_and_vae_file(tmp_path):
+    """A full checkpoint in the official layout: tiny UNet + tiny VAE + a stray text-encoder tensor."""
+    unet = load_weights(UNet(sgm_config("tiny_unet")), fixture_path("sgm", "tiny_unet.safetensors"))
+    vae = load_weights(AutoencoderKL(sgm_vae_config()), fixture_path("sgm", "tiny_vae.safetensors"))
+    save_components([unet, vae], tmp_path / "full.safetensors")
+    state = load_file(tmp_path / "full.safetensors")
+    state["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(8)  # bigG at embedders.1: a base
+    save_file(state, tmp_path / "full.safetensors")
+    return unet, vae, tmp_path / "full.safetensors"
+
+
+def test_full_checkpoint_loads_each_part(tmp_path):
+    unet, vae, file = _unet_and_vae_file(tmp_path)
+    with torch.device("meta"):
+        unet2, vae2 = UNet(unet.config), AutoencoderKL(vae.config)
+    load_weights(unet2, file)
+    load_weights(vae2, file)
+    for ref, got in ((unet, unet2), (vae, vae2)):
+        for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_vae_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)no VAE tensors found \(it holds a UNet\)"):
+        load_weights(AutoencoderKL(sgm_vae_config()), fixture_path("sgm", "tiny_unet.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)does not match the model.*wrong shape.*32 base channels, the model 16"):
+        load_weights(AutoencoderKL(VAEConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)),
+                     fixture_path("sgm", "tiny_vae.safetensors"))
+    with pytest.raises(ValueError, match=r"config\.json describes another VAE.*norm_groups=8"):
+        load_weights(AutoencoderKL(sgm_vae_config()), fixture_path("diffusers", "tiny_vae"))
+
+
+# ---- whole pipelines -------------------------------------------------------------------------------------
+
+
+def test_pipeline_from_single_file(tmp_path):
+    unet, vae, file = _unet_and_vae_file(tmp_path)
+    parts = load_pipeline_components(file, unet_config=unet.config, vae_config=vae.config)
+    assert (parts.kind, parts.layout, parts.text_encoder, parts.text_encoder_2) == ("base", "single_file", None, None)
+    assert not parts.unet.training and not parts.vae.training
+    io = load_file(fixture_path("sgm", "tiny_unet.io.safetensors"))
+    with torch.no_grad():
+        out = parts.unet(io["x"], io["timesteps"], io["context"], io["y"])
+        torch.testing.assert_close(out, io["out"], atol=1e-4, rtol=0)
+        vio = load_file(fixture_path("sgm", "tiny_vae.io.safetensors"))
+        torch.testing.assert_close(parts.vae.decode(vio["latent"]), vio["decoded"], atol=1e-4, rtol=0)
+
+
+def test_pipeline_single_file_without_kind_needs_config(tmp_path):
+    unet = UNet(sgm_config("tiny_unet"))
+    save_components([unet, AutoencoderKL(sgm_vae_config())], tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match="cannot tell an SDXL base.*pass unet_config"):
+        load_pipeline_components(tmp_path / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("cls, kind", [("StableDiffusionXLPipeline", "base"),
+                                       ("StableDiffusionXLImg2ImgPipeline", "refiner")])
+def test_pipeline_from_diffusers_folder(cls, kind, tmp_path):
+    for part in ("unet", "vae"):
+        (tmp_path / part).symlink_to(fixture_path("diffusers", f"tiny_{part}"), target_is_directory=True)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    parts = load_pipeline_components(tmp_path)
+    assert (parts.kind, parts.layout) == (kind, "diffusers")
+    assert parts.unet.config == diffusers_config() and parts.vae.config == diffusers_vae_config()
+    io = load_file(fixture_path("diffusers", "tiny_vae.io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(parts.vae.decode(io["latent"]), io["decoded"], atol=1e-4, rtol=0)
+
+
+def test_pipeline_folder_kind_from_unet_config(tmp_path):
+    """The ADM width in unet/config.json decides, whatever model_index.json says (full-size configs, meta)."""
+    from sdxl_model.checkpoint import ADM_WIDTHS
+
+    for name, kind in (("sdxl_unet_config.json", "base"), ("sdxl_refiner_unet_config.json", "refiner")):
+        cfg = UNetConfig.from_diffusers(json.loads(fixture_path("diffusers", name).read_text()))
+        assert ADM_WIDTHS[cfg.adm_in_channels] == kind
+
+
+@pytest.mark.parametrize("keys_file, kind", [("sd_xl_base_1.0.keys.json", "base"),
+                                             ("sd_xl_refiner_1.0.keys.json", "refiner")])
+def test_detect_kind_of_official_files(keys_file, kind):
+    listing = json.loads(fixture_path("sgm", keys_file).read_text())
+    shapes = {k: tuple(v) for k, v in listing["tensors"].items()}
+    assert detect_kind(shapes) == kind
+    no_unet = {k: v for k, v in shapes.items() if not k.startswith(UNET_PREFIX)}
+    assert detect_kind(no_unet) == kind  # from the text encoders alone
+
+
+# ---- the README example ----------------------------------------------------------------------------------
+
+
+def test_readme_sdxl_model_example_runs():
+    """The python block under "## SDXL model (sdxl_model)" in README.md runs as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## SDXL model (sdxl_model)", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "expected one python block in the SDXL model section"
+    scope = {}
+    exec(compile(blocks[0], "README.md[SDXL model]", "exec"), scope)
+    assert not next(scope["unet"].parameters()).is_meta
