@@ -3,7 +3,8 @@
 Our modules use sgm's parameter names, so the official single-file layout loads after stripping its
 component prefix (`model.diffusion_model.` for the UNet, `first_stage_model.` for the VAE). The diffusers
 layout goes through an explicit key map derived from the config (`diffusers_unet_key_map`, and
-`diffusers_vae_key_map` in vae.py). `load_pipeline_components` builds both models on the meta device and
+`diffusers_vae_key_map` in vae.py). The text encoders are transformers models: CLIP-L loads by name (with or
+without `text_model.`), bigG through the open_clip key map of text.py (`openclip_bigg_key_map`). `load_pipeline_components` builds both models on the meta device and
 loads a whole checkpoint (single file or diffusers pipeline folder), telling base from refiner. Loading is strict: every missing, unexpected or
 mis-shaped tensor is reported together in one ValueError; nothing is silently skipped.
 
@@ -24,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import text as _T
 from .config import UNetConfig, VAEConfig
 from .unet import UNet
 from .vae import AutoencoderKL, diffusers_vae_key_map
@@ -36,6 +38,10 @@ VAE_PREFIX = "first_stage_model."
 OTHER_COMPONENT_PREFIXES = ("first_stage_model.", "conditioner.", "cond_stage_model.", "denoiser.", "model_ema.")
 # Every component prefix of a full single-file checkpoint; a VAE load ignores all but VAE_PREFIX.
 ALL_COMPONENT_PREFIXES = (UNET_PREFIX,) + OTHER_COMPONENT_PREFIXES
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.* (HF CLIPTextModel names), base only
+BIGG_BASE_PREFIX = "conditioner.embedders.1.model."  # open_clip layout, base
+BIGG_REFINER_PREFIX = "conditioner.embedders.0.model."  # open_clip layout, refiner
+TEXT_WEIGHT_NAMES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -265,7 +271,16 @@ def check_state_shapes(
 
 
 def load_weights(model: nn.Module, path: PathLike, *, allow_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint into `model` (a `UNet` or an `AutoencoderKL`), strictly, casting to the model's dtypes.
+    """Load a checkpoint into `model` (a `UNet`, an `AutoencoderKL` or text encoders), strictly, casting to the
+    model's dtypes.
+
+    Text encoders — an `SDXLTextEncoder`, or one of its parts alone (`transformers.CLIPTextModel` = CLIP-L,
+    `CLIPTextModelWithProjection` = bigG): the official single file (base: CLIP-L at
+    `conditioner.embedders.0.transformer.[text_model.]*`, bigG in open_clip layout at `conditioner.embedders.1.model.*`,
+    converted with `openclip_bigg_to_hf`; refiner: bigG only, at `conditioner.embedders.0.model.*`), a diffusers
+    pipeline folder (`text_encoder/`, `text_encoder_2/` with `model.safetensors`) or model folder, or a lone
+    transformers-named file. The `text_model.` level is optional (transformers 5 drops it for CLIPTextModel);
+    `position_ids` and open_clip's `logit_scale` are ignored. A strict error names the encoder.
 
     For an `AutoencoderKL` the same rules apply with the VAE's layouts: the official single file
     (`first_stage_model.*`; UNet and text-encoder tensors in the same file are ignored), a bare VAE state dict
@@ -284,8 +299,11 @@ def load_weights(model: nn.Module, path: PathLike, *, allow_pickle: bool = False
     """
     if isinstance(model, AutoencoderKL):
         return _load_vae(model, Path(path), allow_pickle)
+    if _text_kind(model) is not None:
+        return _load_text(model, Path(path), allow_pickle)
     if not isinstance(model, UNet):
-        raise TypeError(f"load_weights supports UNet and AutoencoderKL models, got {type(model).__name__}")
+        raise TypeError(f"load_weights supports UNet, AutoencoderKL and text-encoder models (SDXLTextEncoder, "
+                        f"transformers CLIPTextModel / CLIPTextModelWithProjection), got {type(model).__name__}")
     path = Path(path)
     file, diffusers_folder, diffusers_config = _resolve_unet_file(path)
     if diffusers_config is not None:
@@ -437,26 +455,255 @@ def _vae_names(shapes: Mapping[str, tuple], cfg: VAEConfig, file: Path, diffuser
     return {k: k for k in shapes}
 
 
+# ---- text encoders ---------------------------------------------------------------------------------------
+#
+# Our names for a text encoder are its transformers state-dict names (CLIPTextModel: `embeddings.*`,
+# `encoder.*`, `final_layer_norm.*` in transformers 5; CLIPTextModelWithProjection: `text_model.*` +
+# `text_projection.weight`). Checkpoint names are compared without the optional `text_model.` level, so both
+# transformers 4 and 5 layouts load. `position_ids` (a non-persistent buffer, present in older files) is ignored.
+
+_CLIP_CLASSES = {"CLIPTextModel": "clip_l", "CLIPTextModelWithProjection": "bigg"}
+_TEXT_LABEL = {"clip_l": "text encoder CLIP-L (CLIPTextModel)",
+               "bigg": "text encoder OpenCLIP bigG (CLIPTextModelWithProjection)"}
+
+
+def _text_kind(model) -> str | None:
+    """"sdxl" for an SDXLTextEncoder, "clip_l" / "bigg" for a lone transformers model, else None."""
+    if isinstance(model, _T.SDXLTextEncoder):
+        return "sdxl"
+    return _CLIP_CLASSES.get(type(model).__name__)
+
+
+def _text_parts(model) -> dict[str, nn.Module]:
+    """{"clip_l" | "bigg": transformers model} of a text-encoder model."""
+    kind = _text_kind(model)
+    if kind == "sdxl":
+        parts = {"clip_l": model.clip_l, "bigg": model.clip_bigg}
+        return {k: v for k, v in parts.items() if v is not None}
+    return {kind: model}
+
+
+def _strip_tm(name: str) -> str:
+    return name.removeprefix("text_model.")
+
+
+def _hf_full(name: str) -> str:
+    """A CLIPTextModelWithProjection name with the `text_model.` level (as openclip_bigg_key_map produces)."""
+    return name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name
+
+
+def _ignored_text_key(name: str) -> bool:
+    return name.endswith("position_ids")
+
+
+def _hf_part_names(shapes: Mapping[str, tuple], prefix: str, sub: nn.Module):
+    """HF-named tensors under `prefix` of a file → ({model name: file name}, {model name: shape})."""
+    by_norm = {_strip_tm(k): k for k in sub.state_dict()}
+    names, found = {}, {}
+    for k, shape in shapes.items():
+        if not k.startswith(prefix) or _ignored_text_key(k):
+            continue
+        rel = k[len(prefix):]
+        ours = by_norm.get(_strip_tm(rel), rel)
+        names[ours] = k
+        found[ours] = tuple(shape)
+    return names, found, {}
+
+
+def _openclip_part_names(shapes: Mapping[str, tuple], prefix: str, sub: nn.Module):
+    """open_clip-layout bigG tensors under `prefix` → ({model name: file name}, {model name: shape},
+    {model name: how to derive it: ("qkv", i) | ("t",)}); fused in_proj rows split in q, k, v, text_projection
+    transposed, logit_scale dropped. Unknown names stay as they are (reported as unexpected)."""
+    kmap = _T.openclip_bigg_key_map(sub.config.num_hidden_layers)
+    model_names = {_hf_full(k): k for k in sub.state_dict()}
+    names, found, how = {}, {}, {}
+    for k, shape in shapes.items():
+        if not k.startswith(prefix):
+            continue
+        rel = k[len(prefix):]
+        shape = tuple(shape)
+        if rel not in kmap:
+            names[rel], found[rel] = k, shape
+            continue
+        dsts = kmap[rel]
+        for i, d in enumerate(dsts):
+            ours = model_names.get(d, d)
+            names[ours] = k
+            if len(dsts) == 3:
+                found[ours] = (shape[0] // 3,) + shape[1:] if shape and shape[0] % 3 == 0 else shape
+                how[ours] = ("qkv", i)
+            elif rel == "text_projection":
+                found[ours] = shape[::-1]
+                how[ours] = ("t",)
+            else:
+                found[ours] = shape
+    return names, found, how
+
+
+def _resolve_text_folder(path: Path, part: str) -> Path:
+    """The weights file of a diffusers text-encoder folder (`text_encoder/` or `text_encoder_2/` of a pipeline
+    folder, or the model folder itself)."""
+    sub = "text_encoder" if part == "clip_l" else "text_encoder_2"
+    folder = path / sub if (path / sub).is_dir() else path
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{path}: no {sub}/ folder (config.json + {TEXT_WEIGHT_NAMES[0]}) for the "
+                         f"{_TEXT_LABEL[part]}")
+    for name in TEXT_WEIGHT_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    if (folder / (TEXT_WEIGHT_NAMES[0] + ".index.json")).exists():
+        raise ValueError(f"{folder}: sharded text-encoder weights are not supported yet")
+    raise ValueError(f"{folder}: none of {', '.join(TEXT_WEIGHT_NAMES)} found")
+
+
+_TEXT_CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "hidden_act", "projection_dim", "max_position_embeddings", "vocab_size")
+
+
+def _check_text_config(file: Path, sub: nn.Module, label: str) -> None:
+    """A diffusers folder's config.json must describe the model (head count, activation: no shape shows them)."""
+    cfg_file = file.parent / "config.json"
+    if not cfg_file.exists():
+        return
+    theirs = json.loads(cfg_file.read_text())
+    fields = [f for f in _TEXT_CONFIG_FIELDS if f != "projection_dim" or type(sub).__name__.endswith("Projection")]
+    diff = [f"{f}={theirs[f]!r} (model {getattr(sub.config, f)!r})" for f in fields
+            if f in theirs and theirs[f] != getattr(sub.config, f)]
+    if diff:
+        raise ValueError(f"{cfg_file}: describes another {label} than the model; differs in {', '.join(diff)}")
+
+
+def _load_text(model: nn.Module, path: Path, allow_pickle: bool) -> nn.Module:
+    """Text encoders from an official single file or a diffusers folder; see `load_weights`."""
+    parts = _text_parts(model)
+    plans = {}  # part -> (source, names, found, how, where)
+    if path.is_dir():
+        for part, sub in parts.items():
+            file = _resolve_text_folder(path, part)
+            _check_text_config(file, sub, _TEXT_LABEL[part])
+            source = _TensorSource(file, allow_pickle)
+            names, found, how = _hf_part_names(source.shapes, "", sub)
+            plans[part] = (source, names, found, how, str(file))
+    else:
+        file, _, _ = _resolve_file(path)
+        source = _TensorSource(file, allow_pickle)
+        shapes = source.shapes
+        lora = _looks_like_lora(shapes)
+        if lora is not None:
+            raise ValueError(f"{file}: this looks like a LoRA / adapter (e.g. {lora!r}), not full text-encoder weights")
+        official = any(k.startswith("conditioner.") for k in shapes)
+        base_file = any(k.startswith(CLIP_L_PREFIX) for k in shapes) or any(
+            k.startswith(BIGG_BASE_PREFIX) for k in shapes)
+        for part, sub in parts.items():
+            if not official:  # a bare transformers state dict of one encoder
+                if len(parts) > 1:
+                    raise ValueError(f"{file}: no 'conditioner.embedders.*' tensors; an SDXLTextEncoder loads from "
+                                     "an official single file or a diffusers pipeline folder")
+                names, found, how = _hf_part_names(shapes, "", sub)
+                where = str(file)
+            elif part == "clip_l":
+                if not base_file:
+                    raise ValueError(f"{file}: holds no CLIP-L text encoder ({CLIP_L_PREFIX}*): a refiner checkpoint "
+                                     "has only OpenCLIP bigG; build the encoder with SDXLTextEncoder.sdxl_refiner()")
+                names, found, how = _hf_part_names(shapes, CLIP_L_PREFIX, sub)
+                where = f"{file} [{CLIP_L_PREFIX}*]"
+            else:
+                prefix = BIGG_BASE_PREFIX if base_file else BIGG_REFINER_PREFIX
+                names, found, how = _openclip_part_names(shapes, prefix, sub)
+                where = f"{file} [{prefix}*]"
+            plans[part] = (source, names, found, how, where)
+    errors = []
+    for part, (source, names, found, how, where) in plans.items():
+        expected = {k: tuple(v.shape) for k, v in parts[part].state_dict().items()}
+        hint = None
+        if not found:
+            hint = "no tensors of this encoder found there"
+        try:
+            check_state_shapes(expected, found, source=f"{_TEXT_LABEL[part]} from {where}", hint=hint)
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("\n".join(errors))
+    for part, (source, names, found, how, where) in plans.items():
+        def reader(ours, theirs, how=how, source=source):
+            def read():
+                t = source.get(theirs)
+                h = how.get(ours)
+                if h is None:
+                    return t
+                if h[0] == "qkv":
+                    return t.chunk(3, dim=0)[h[1]]
+                return t.t().contiguous()
+            return read
+        sub = parts[part]
+        _copy_into(sub, {ours: reader(ours, theirs) for ours, theirs in names.items()})
+        _materialize_position_ids(sub)
+    return model
+
+
+def _materialize_position_ids(sub: nn.Module) -> None:
+    """A meta-built transformers CLIP keeps its non-persistent `position_ids` buffer on meta; rebuild it."""
+    for mod in sub.modules():
+        ids = getattr(mod, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            ref = next(sub.parameters())
+            mod.register_buffer("position_ids", torch.arange(ids.shape[-1], device=ref.device).expand(ids.shape),
+                                persistent=False)
+
+
 def _prefix_of(model: nn.Module) -> str:
     if isinstance(model, UNet):
         return UNET_PREFIX
     if isinstance(model, AutoencoderKL):
         return VAE_PREFIX
-    raise TypeError(f"save_weights supports UNet and AutoencoderKL models, got {type(model).__name__}")
+    raise TypeError(f"save_weights supports UNet, AutoencoderKL and text-encoder models, got {type(model).__name__}")
+
+
+def official_text_state(model: nn.Module, *, bigg_at_1: bool | None = None) -> dict[str, torch.Tensor]:
+    """The official single-file tensors (`conditioner.embedders.*`) of a text-encoder model (an SDXLTextEncoder
+    or a lone CLIPTextModel / CLIPTextModelWithProjection); works on the meta device. bigG goes to
+    `embedders.1` (base) when `bigg_at_1`, else `embedders.0` (refiner); default: whether the model has CLIP-L.
+    The unused open_clip `logit_scale` is written with its initial value; `position_ids` are left out."""
+    parts = _text_parts(model)
+    if bigg_at_1 is None:
+        bigg_at_1 = "clip_l" in parts
+    state = {}
+    for part, sub in parts.items():
+        sd = {k: v.detach() for k, v in sub.state_dict().items() if not _ignored_text_key(k)}
+        if part == "clip_l":
+            state.update({CLIP_L_PREFIX + _T.clip_l_checkpoint_key(_strip_tm(k)): v.contiguous()
+                          for k, v in sd.items()})
+        else:
+            prefix = BIGG_BASE_PREFIX if bigg_at_1 else BIGG_REFINER_PREFIX
+            oc = _T.hf_to_openclip_bigg({_hf_full(k): v for k, v in sd.items()}, sub.config.num_hidden_layers)
+            state.update({prefix + k: v.contiguous() for k, v in oc.items()})
+    return state
 
 
 def save_weights(model: nn.Module, path: PathLike) -> None:
-    """Save a UNet (`model.diffusion_model.*`) or a VAE (`first_stage_model.*`) in the official single-file
-    layout (safetensors). Use `save_components` for several models in one file."""
+    """Save a UNet (`model.diffusion_model.*`), a VAE (`first_stage_model.*`) or text encoders
+    (`conditioner.embedders.*`) in the official single-file layout (safetensors). Use `save_components` for
+    several models in one file."""
     save_components([model], path)
 
 
 def save_components(models, path: PathLike) -> None:
-    """Several models (a UNet, a VAE) in one official-layout single file, each under its own prefix."""
+    """Several models (a UNet, a VAE, text encoders) in one official-layout single file, each under its own
+    prefix. Text encoders: an `SDXLTextEncoder` (base: CLIP-L at `conditioner.embedders.0.transformer.text_model.*`,
+    bigG in open_clip layout at `conditioner.embedders.1.model.*`; refiner: bigG at `conditioner.embedders.0.model.*`),
+    or a lone `CLIPTextModel` / `CLIPTextModelWithProjection` (bigG goes to embedders.1 when a CLIP-L is saved
+    with it, else embedders.0)."""
+    models = list(models)
+    has_clip_l = any(_text_kind(m) == "clip_l" or (_text_kind(m) == "sdxl" and m.clip_l is not None)
+                     for m in models)
     state = {}
     for model in models:
-        prefix = _prefix_of(model)
-        state.update({prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        kind = _text_kind(model)
+        if kind is None:
+            prefix = _prefix_of(model)
+            state.update({prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()})
+            continue
+        state.update(official_text_state(model, bigg_at_1=has_clip_l))
     if any(v.is_meta for v in state.values()):
         raise ValueError("cannot save a model whose weights are still on the meta device")
     save_file(state, str(path), metadata={"format": "pt"})
@@ -472,8 +719,9 @@ class PipelineComponents:
     """The models of an SDXL checkpoint. kind: "base", "refiner", or None where neither the ADM width nor the
     file's other contents tell (e.g. small test models). layout: "single_file" or "diffusers".
 
-    text_encoder / text_encoder_2 are None for now: TODO load CLIP ViT-L and OpenCLIP bigG (the conditioning
-    module's encoders) from `conditioner.embedders.*` / `text_encoder*/` once those loaders exist."""
+    text_encoder: CLIP ViT-L (`transformers.CLIPTextModel`; the base only), text_encoder_2: OpenCLIP bigG
+    (`transformers.CLIPTextModelWithProjection`; base and refiner) — diffusers' names; None when the checkpoint
+    holds no such encoder (or loading them was turned off). `text_encoders` wraps them as one `SDXLTextEncoder`."""
 
     unet: UNet
     vae: AutoencoderKL
@@ -481,6 +729,13 @@ class PipelineComponents:
     layout: str
     text_encoder: nn.Module | None = None
     text_encoder_2: nn.Module | None = None
+
+    @property
+    def text_encoders(self) -> "_T.SDXLTextEncoder | None":
+        """Both encoders as one `SDXLTextEncoder` (prompts -> context, pooled); None without bigG."""
+        if self.text_encoder_2 is None:
+            return None
+        return _T.SDXLTextEncoder(self.text_encoder, self.text_encoder_2)
 
 
 def detect_kind(shapes: Mapping[str, tuple]) -> str | None:
@@ -514,13 +769,21 @@ def load_pipeline_components(
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    text_encoder_config=None,
+    text_encoder_2_config=None,
+    load_text_encoders: bool = True,
 ) -> PipelineComponents:
     """UNet and VAE of an SDXL checkpoint — an official single file or a diffusers pipeline folder (`unet/`,
     `vae/`, optionally `model_index.json`) — built on the meta device and loaded by assignment (no second copy
     of the weights in RAM). Base vs refiner is detected from the keys (single file) or from unet/config.json
     (folder; `model_index.json`'s pipeline class as a fallback). Configs default to the SDXL presets (single
     file) or the folders' config.json; pass them for other models. The VAE runs in `vae_dtype` (default
-    `dtype`, but float32 when dtype is float16: the SDXL VAE overflows in float16). Text encoders: None (TODO).
+    `dtype`, but float32 when dtype is float16: the SDXL VAE overflows in float16).
+
+Text encoders (in `dtype`), when the checkpoint has them and `load_text_encoders`: CLIP-L from
+`conditioner.embedders.0.transformer.*` / `text_encoder/` (base), bigG from `conditioner.embedders.{1 base,
+0 refiner}.model.*` / `text_encoder_2/`. Their configs (`transformers.CLIPTextConfig`) default to the SDXL
+ones (single file, see `sdxl_model.text.clip_l_config` / `clip_bigg_config`) or the folders' config.json.
     """
     path = Path(path)
     if vae_dtype is None:
@@ -547,9 +810,34 @@ def load_pipeline_components(
             unet_config = _preset(kind, str(path))
         if vae_config is None:
             vae_config = VAEConfig.sdxl()
+    text_configs = {}  # part -> CLIPTextConfig of the encoders the checkpoint holds
+    if load_text_encoders:
+        if layout == "diffusers":
+            for part, sub, given in (("clip_l", "text_encoder", text_encoder_config),
+                                     ("bigg", "text_encoder_2", text_encoder_2_config)):
+                cfg_file = path / sub / "config.json"
+                if cfg_file.exists():
+                    text_configs[part] = given if given is not None else \
+                        _T._transformers().CLIPTextConfig.from_dict(json.loads(cfg_file.read_text()))
+        else:
+            names = list(_TensorSource(file, allow_pickle).shapes)
+            has_l = any(k.startswith(CLIP_L_PREFIX) for k in names)
+            has_g = any(k.startswith(BIGG_BASE_PREFIX if has_l else BIGG_REFINER_PREFIX) for k in names)
+            if has_l:
+                text_configs["clip_l"] = text_encoder_config if text_encoder_config is not None else _T.clip_l_config()
+            if has_g:
+                text_configs["bigg"] = text_encoder_2_config if text_encoder_2_config is not None else \
+                    _T.clip_bigg_config()
     with torch.device("meta"):
         unet = UNet(unet_config).to(dtype)
         vae = AutoencoderKL(vae_config).to(vae_dtype)
+        clip_l = _T.build_clip_l(text_configs["clip_l"]).to(dtype) if "clip_l" in text_configs else None
+        bigg = _T.build_clip_bigg(text_configs["bigg"]).to(dtype) if "bigg" in text_configs else None
     load_weights(unet, path, allow_pickle=allow_pickle)
     load_weights(vae, path, allow_pickle=allow_pickle)
-    return PipelineComponents(unet=unet.eval(), vae=vae.eval(), kind=kind, layout=layout)
+    for enc in (clip_l, bigg):
+        if enc is not None:
+            load_weights(enc, path, allow_pickle=allow_pickle)
+            enc.eval()
+    return PipelineComponents(unet=unet.eval(), vae=vae.eval(), kind=kind, layout=layout,
+                              text_encoder=clip_l, text_encoder_2=bigg)

@@ -416,7 +416,7 @@ def test_vae_bad_input(tmp_path):
 
 def test_pipeline_from_single_file(tmp_path):
     unet, vae, file = _unet_and_vae_file(tmp_path)
-    parts = load_pipeline_components(file, unet_config=unet.config, vae_config=vae.config)
+    parts = load_pipeline_components(file, unet_config=unet.config, vae_config=vae.config, load_text_encoders=False)
     assert (parts.kind, parts.layout, parts.text_encoder, parts.text_encoder_2) == ("base", "single_file", None, None)
     assert not parts.unet.training and not parts.vae.training
     io = load_file(fixture_path("sgm", "tiny_unet.io.safetensors"))
@@ -482,3 +482,182 @@ def test_readme_sdxl_model_example_runs():
     scope = {}
     exec(compile(blocks[0], "README.md[SDXL model]", "exec"), scope)
     assert not next(scope["unet"].parameters()).is_meta
+
+
+# ---- text encoders ---------------------------------------------------------------------------------------
+
+from sdxl_model import SDXLTextEncoder  # noqa: E402
+from sdxl_model import text as T  # noqa: E402
+from sdxl_model.checkpoint import official_text_state  # noqa: E402
+
+
+def tiny_l_config():
+    return T.clip_l_config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           projection_dim=32)
+
+
+def tiny_g_config():
+    return T.clip_bigg_config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                              projection_dim=48)
+
+
+def tiny_text_encoder(base=True, seed=0):
+    torch.manual_seed(seed)
+    enc = SDXLTextEncoder(T.build_clip_l(tiny_l_config()) if base else None, T.build_clip_bigg(tiny_g_config()))
+    with torch.no_grad():  # non-trivial norms and biases so a mix-up of names would show
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return enc.eval()
+
+
+def meta_text_encoder(base=True):
+    with torch.device("meta"):
+        return SDXLTextEncoder(T.build_clip_l(tiny_l_config()) if base else None, T.build_clip_bigg(tiny_g_config()))
+
+
+def _ids():
+    ids = torch.randint(0, 49400, (2, 77))
+    ids[:, 0] = T.SOT_ID
+    ids[0, 5:] = T.EOT_ID
+    ids[1, 9] = T.EOT_ID
+    ids[1, 10:] = 0
+    return ids
+
+
+@torch.no_grad()
+def assert_same_encoder(ref, got):
+    for (k, a), (k2, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    ids = _ids()
+    for a, b in zip(ref.encode_ids(ids if ref.clip_l is not None else None, ids),
+                    got.encode_ids(ids if got.clip_l is not None else None, ids)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def _full_file(tmp_path, base=True):
+    unet = load_weights(UNet(sgm_config("tiny_unet")), fixture_path("sgm", "tiny_unet.safetensors"))
+    vae = load_weights(AutoencoderKL(sgm_vae_config()), fixture_path("sgm", "tiny_vae.safetensors"))
+    enc = tiny_text_encoder(base)
+    file = tmp_path / "full.safetensors"
+    save_components([unet, vae, enc], file)
+    return unet, vae, enc, file
+
+
+def test_text_encoders_single_file_base(tmp_path):
+    unet, vae, enc, file = _full_file(tmp_path)
+    names = list(load_file(file))
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in names
+    assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in names
+    assert "conditioner.embedders.1.model.text_projection" in names
+    # meta-built encoder, assigned from the file: identical tensors and outputs
+    got = load_weights(meta_text_encoder(), file)
+    assert not any(t.is_meta for t in list(got.parameters()) + list(got.buffers()))
+    assert_same_encoder(enc, got)
+    # the whole pipeline: every part, strictly
+    parts = load_pipeline_components(file, unet_config=unet.config, vae_config=vae.config,
+                                     text_encoder_config=tiny_l_config(), text_encoder_2_config=tiny_g_config())
+    assert parts.kind == "base" and not parts.text_encoder.training
+    assert type(parts.text_encoder).__name__ == "CLIPTextModel"
+    assert type(parts.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert_same_encoder(enc, parts.text_encoders)
+    for ref, new in ((unet, parts.unet), (vae, parts.vae)):
+        for (k, a), b in zip(ref.state_dict().items(), new.state_dict().values()):
+            assert torch.equal(a, b), k
+    # round trip: save the loaded encoder again, same tensors
+    save_components([got], tmp_path / "again.safetensors")
+    first, again = load_file(file), load_file(tmp_path / "again.safetensors")
+    assert all(torch.equal(first[k], v) for k, v in again.items())
+    assert set(again) == {k for k in first if k.startswith("conditioner.")}
+
+
+def test_text_encoder_single_file_variants(tmp_path):
+    """transformers-5 CLIP-L names (no `text_model.`), a stray position_ids, fp16 storage; lone parts."""
+    enc = tiny_text_encoder()
+    state = official_text_state(enc)
+    pre = "conditioner.embedders.0.transformer."
+    state = {(pre + k[len(pre) + len("text_model."):] if k.startswith(pre) else k): v.half() for k, v in state.items()}
+    state[pre + "embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, tmp_path / "t5.safetensors")
+    got = load_weights(meta_text_encoder(), tmp_path / "t5.safetensors")
+    assert next(got.parameters()).dtype == torch.float32
+    for (k, a), b in zip(enc.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(a.half().float(), b, atol=0, rtol=0, msg=k)
+    # a lone bigG / CLIP-L from the base file, copied in place into CPU models
+    lone_g = load_weights(T.build_clip_bigg(tiny_g_config()), tmp_path / "t5.safetensors")
+    assert torch.equal(lone_g.text_projection.weight, got.clip_bigg.text_projection.weight)
+    lone_l = load_weights(T.build_clip_l(tiny_l_config()), tmp_path / "t5.safetensors")
+    assert torch.equal(lone_l.embeddings.token_embedding.weight, got.clip_l.embeddings.token_embedding.weight)
+
+
+def test_text_encoder_single_file_refiner(tmp_path):
+    unet = UNet(sgm_config("tiny_refiner_unet"))
+    vae = AutoencoderKL(sgm_vae_config())
+    enc = tiny_text_encoder(base=False)
+    file = tmp_path / "refiner.safetensors"
+    save_components([unet, vae, enc], file)
+    assert {k.split(".model.")[0] for k in load_file(file) if k.startswith("conditioner.")} == {
+        "conditioner.embedders.0"}
+    assert_same_encoder(enc, load_weights(meta_text_encoder(base=False), file))
+    parts = load_pipeline_components(file, unet_config=unet.config, vae_config=vae.config,
+                                     text_encoder_2_config=tiny_g_config())
+    assert parts.text_encoder is None and parts.text_encoders.clip_l is None
+    assert_same_encoder(enc, parts.text_encoders)
+    with pytest.raises(ValueError, match=r"holds no CLIP-L text encoder.*sdxl_refiner"):
+        load_weights(meta_text_encoder(base=True), file)
+
+
+def test_text_encoders_diffusers_folder(tmp_path):
+    enc = tiny_text_encoder()
+    for part in ("unet", "vae"):
+        (tmp_path / part).symlink_to(fixture_path("diffusers", f"tiny_{part}"), target_is_directory=True)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    enc.clip_l.save_pretrained(tmp_path / "text_encoder")
+    # text_encoder_2 written by hand in the transformers-4 names (`text_model.*`)
+    (tmp_path / "text_encoder_2").mkdir()
+    enc.clip_bigg.config.to_json_file(tmp_path / "text_encoder_2" / "config.json")
+    sd = {T.clip_l_checkpoint_key(k) if not k.startswith("text_projection") else k: v.contiguous()
+          for k, v in enc.clip_bigg.state_dict().items()}
+    save_file(sd, tmp_path / "text_encoder_2" / "model.safetensors")
+    assert_same_encoder(enc, load_weights(meta_text_encoder(), tmp_path))
+    parts = load_pipeline_components(tmp_path)
+    assert parts.text_encoder.config.hidden_size == 32 and parts.text_encoder_2.config.projection_dim == 48
+    assert_same_encoder(enc, parts.text_encoders)
+    # a config.json that disagrees with the model in what no shape shows
+    cfg = json.loads((tmp_path / "text_encoder_2" / "config.json").read_text())
+    cfg["num_attention_heads"] = 4
+    (tmp_path / "text_encoder_2" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"another text encoder OpenCLIP bigG.*num_attention_heads=4"):
+        load_weights(meta_text_encoder(), tmp_path)
+
+
+def test_text_encoder_strict_errors_name_the_encoder(tmp_path):
+    state = official_text_state(tiny_text_encoder())
+    pre_l, pre_g = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+    del state[pre_l + "final_layer_norm.bias"]
+    state[pre_g + "ln_final.weight"] = torch.ones(65)
+    state[pre_g + "transformer.resblocks.1.attn.in_proj_weight"] = torch.ones(100, 64)
+    state[pre_l + "extra.weight"] = torch.ones(2)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_weights(meta_text_encoder(), tmp_path / "bad.safetensors")
+    msg = str(e.value)
+    assert "text encoder CLIP-L (CLIPTextModel)" in msg and "text encoder OpenCLIP bigG" in msg
+    l_part, g_part = msg.split("text encoder OpenCLIP bigG")
+    assert "1 missing: final_layer_norm.bias" in l_part and "1 unexpected: text_model.extra.weight" in l_part
+    assert "wrong shape" in g_part and "text_model.final_layer_norm.weight (checkpoint (65,), model (64,))" in g_part
+    assert "self_attn.q_proj.weight (checkpoint (100, 64), model (64, 64))" in g_part
+    # a file with no text encoder at all
+    save_file({"x": torch.ones(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="no 'conditioner.embedders"):
+        load_weights(meta_text_encoder(), tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_full_size_text_encoders_official_layout_matches_sgm(which):
+    """The meta-built SDXLTextEncoder presets, through the save-side key map, give exactly the
+    `conditioner.*` names and shapes of the official files."""
+    listing = json.loads(fixture_path("sgm", f"sd_xl_{which}_1.0.keys.json").read_text())
+    want = {k: list(v) for k, v in listing["tensors"].items() if k.startswith("conditioner.")}
+    enc = getattr(SDXLTextEncoder, f"sdxl_{which}")(device="meta")
+    got = {k: list(v.shape) for k, v in official_text_state(enc).items()}
+    assert got == want
