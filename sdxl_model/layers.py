@@ -35,3 +35,14 @@ class GroupNormAct(sdxl_kernels.GroupNormSiLU, _KernelSwitch):
             return super().forward(x)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.activation == "silu" else y
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 conv (sgm's `Upsample`, in the UNet and the VAE)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 import sdxl_kernels
 
 from .config import UNetConfig
-from .layers import GroupNormAct, _KernelSwitch, set_default_use_kernels  # noqa: F401 (re-exported)
+from .layers import GroupNormAct, Upsample, _KernelSwitch, set_default_use_kernels  # noqa: F401 (re-exported)
 
 RESNET_EPS = 1e-5  # ResBlock and final GroupNorms
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer GroupNorm
@@ -147,15 +147,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNetStage(nn.ModuleList):

@@ -22,7 +22,7 @@ from torch import nn
 import sdxl_kernels
 
 from .config import VAEConfig
-from .layers import GroupNormAct, _KernelSwitch
+from .layers import GroupNormAct, Upsample, _KernelSwitch
 
 NORM_EPS = 1e-6  # every GroupNorm of the VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # the clamp sgm's DiagonalGaussianDistribution and diffusers apply
@@ -81,15 +81,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
