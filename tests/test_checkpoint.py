@@ -32,6 +32,26 @@ def sgm_file_state(name: str) -> dict[str, torch.Tensor]:
 # ---- oracle fixtures ------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not sdxl_kernels.backends.triton_interpret(), reason="the Triton kernels run on CPU tensors "
+                    "only under the interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU)")
+@pytest.mark.parametrize("name", SGM_TINY)
+def test_sgm_single_file_reproduces_fixture_on_triton_kernels(name):
+    """Kernels on, served by the Triton kernels (interpreted): every GroupNorm(+SiLU) and the timestep
+    embedding of the UNet run through them; attention in float32 goes to PyTorch's SDPA."""
+    io = load_file(fixture_path("sgm", f"{name}.io.safetensors"))
+    with torch.device("meta"):
+        model = UNet(sgm_config(name))
+    load_weights(model, fixture_path("sgm", f"{name}.safetensors"))
+    sdxl_kernels.set_backend("group_norm_silu", "triton")
+    sdxl_kernels.set_backend("fourier_embedding", "triton")
+    model.eval().use_kernels(True)
+    with torch.no_grad():
+        out = model(io["x"], io["timesteps"], io["context"], io["y"])
+    assert sdxl_kernels.last_backend("group_norm_silu") == "triton"
+    assert sdxl_kernels.last_backend("fourier_embedding") == "triton"
+    torch.testing.assert_close(out, io["out"], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("name", SGM_TINY)
 def test_sgm_single_file_reproduces_fixture(name, kernels):
