@@ -6,6 +6,7 @@ from .config import UNetConfig, VAEConfig
 from .text import CLIPTokenizer, SDXLTextEncoder
 from .unet import UNet, set_default_use_kernels
 from .vae import AutoencoderKL
+from . import sampling
 
 __all__ = [
     "AutoencoderKL",
