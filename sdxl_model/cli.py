@@ -1,0 +1,253 @@
+"""`sdxl generate`: text → PNG with an SDXL base and an optional refiner, offline.
+
+    sdxl generate "a cat" --base sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors
+    sdxl generate "a cat" --preset tiny --steps 4 --size 64x64   # random tiny weights: a smoke test, writes noise
+
+Bad input (a missing file, a base given as refiner, a size not a multiple of 8, both --refiner-switch and
+--sdedit-strength) exits with status 2 and a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from . import sampling
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported on stderr, exit status 2."""
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size must look like WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise UsageError(f"--size {text}: width and height must be positive multiples of 8")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxl", description="SDXL text-to-image (offline).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate an image from a prompt")
+    g.add_argument("prompt")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", type=Path, help="SDXL base checkpoint (single file or diffusers folder)")
+    src.add_argument("--preset", choices=["tiny"],
+                     help="tiny: random tiny base + refiner on the CPU (a smoke test; the image is noise)")
+    g.add_argument("--refiner", type=Path, help="SDXL refiner checkpoint")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--sampler", default="dpmpp_2m", choices=sorted(sampling.SAMPLERS))
+    g.add_argument("--schedule", default="karras", choices=["legacy", "karras", "exponential"])
+    g.add_argument("--cfg", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024; 64x64 with "
+                   "--preset tiny)")
+    g.add_argument("--refiner-switch", type=float, default=None,
+                   help="hand off to the refiner at this fraction of the steps (default 0.8 with a refiner)")
+    g.add_argument("--sdedit-strength", type=float, default=None,
+                   help="instead of a hand-off: the base finishes, the refiner re-noises to this strength")
+    g.add_argument("--out", type=Path, default=Path("out.png"))
+    g.add_argument("--no-kernels", action="store_true", help="plain PyTorch instead of sdxl_kernels")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+
+def tiny_components(seed: int = 0):
+    """Random tiny base and refiner `Stage`s (tiny UNets with the real ADM widths, tiny VAE, tiny CLIPs with the
+    real tokenizer and the real pooled width 1280)."""
+    from . import text as T
+    from .config import UNetConfig, VAEConfig
+    from .conditioning import BASE_ADM_DIM, REFINER_ADM_DIM
+    from .pipeline import Stage
+    from .unet import UNet
+    from .vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    clip_l = T.build_clip_l(T.clip_l_config(**small)).eval()
+    bigg = T.build_clip_bigg(T.clip_bigg_config(**small, projection_dim=T.POOLED_DIM)).eval()
+    tok_l, tok_g = T.CLIPTokenizer.hf(), T.CLIPTokenizer.open_clip()
+    base_text = T.SDXLTextEncoder(clip_l, bigg, tokenizer_l=tok_l, tokenizer_g=tok_g).eval()
+    refiner_text = T.SDXLTextEncoder(None, bigg, tokenizer_g=tok_g).eval()
+    tiny = UNetConfig.tiny()
+    base_unet = UNet(UNetConfig(**{**_fields(tiny), "context_dim": 64, "adm_in_channels": BASE_ADM_DIM})).eval()
+    ref_unet = UNet(UNetConfig(**{**_fields(tiny), "context_dim": 32, "adm_in_channels": REFINER_ADM_DIM})).eval()
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    return Stage(base_unet, vae, base_text), Stage(ref_unet, vae, refiner_text)
+
+
+def _fields(cfg) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _check_checkpoint(path: Path, role: str) -> None:
+    """Exists, and is not the other kind (checked from names and shapes, before loading gigabytes)."""
+    if not path.exists():
+        raise UsageError(f"--{role} {path}: no such file or folder")
+    kind = _file_kind(path)
+    if role == "refiner" and kind == "base":
+        raise UsageError(f"--refiner {path} is an SDXL base checkpoint, not a refiner")
+    if role == "base" and kind == "refiner":
+        raise UsageError(f"--base {path} is an SDXL refiner checkpoint; pass it as --refiner")
+
+
+def _load(path: Path, role: str):
+    from .checkpoint import load_pipeline_components
+
+    _check_checkpoint(path, role)
+    try:
+        comps = load_pipeline_components(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise UsageError(f"--{role} {path}: {e}") from None
+    if role == "refiner" and comps.kind == "base":
+        raise UsageError(f"--refiner {path} is an SDXL base checkpoint, not a refiner")
+    if role == "base" and comps.kind == "refiner":
+        raise UsageError(f"--base {path} is an SDXL refiner checkpoint; pass it as --refiner")
+    if comps.text_encoders is None:
+        raise UsageError(f"--{role} {path}: the checkpoint holds no text encoders")
+    return comps
+
+
+def _file_kind(path: Path) -> str | None:
+    """"base" / "refiner" / None from a single file's tensor names and shapes (folders: None)."""
+    if path.is_dir():
+        return None
+    from . import checkpoint as ck
+
+    try:
+        file, _, _ = ck._resolve_file(path)
+        return ck.detect_kind(ck._TensorSource(file, False).shapes)
+    except Exception as e:  # unreadable: report it as bad input
+        raise UsageError(f"{path}: cannot read the checkpoint: {e}") from None
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(rgb: bytes, width: int, height: int, text: dict[str, str] | None = None) -> bytes:
+    """A minimal 8-bit RGB PNG (filter 0 per row, zlib) with optional tEXt chunks."""
+    stride = 3 * width
+    raw = b"".join(b"\x00" + rgb[r * stride:(r + 1) * stride] for r in range(height))
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    for key, value in (text or {}).items():
+        out += _png_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
+    return out + _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b"")
+
+
+def write_png(path: Path, image_hwc_uint8: torch.Tensor, parameters: str) -> None:
+    h, w, _ = image_hwc_uint8.shape
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from PIL import Image, PngImagePlugin
+    except ImportError:
+        path.write_bytes(encode_png(image_hwc_uint8.contiguous().numpy().tobytes(), w, h, {"parameters": parameters}))
+        return
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    Image.fromarray(image_hwc_uint8.numpy()).save(path, pnginfo=info)
+
+
+class _Progress:
+    """Progress on stderr: one overwritten line per step."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+
+    def __call__(self, info: dict) -> None:
+        self.done += 1
+        if not self.quiet:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"\r{info.get('stage', '')} step {self.done}/{self.total} ({rate:.2f} it/s)", end="",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.quiet:
+            print(file=sys.stderr)
+
+
+# ---- main --------------------------------------------------------------------------------------------------
+
+def generate(args) -> int:
+    from .pipeline import SDXLPipeline
+    from .pipeline import to_uint8
+    from .unet import set_default_use_kernels
+
+    if args.size is None:
+        args.size = "64x64" if args.preset == "tiny" else "1024x1024"
+    size = _parse_size(args.size)
+    if args.refiner_switch is not None and args.sdedit_strength is not None:
+        raise UsageError("give --refiner-switch or --sdedit-strength, not both")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    if args.refiner_switch is not None and not 0 <= args.refiner_switch <= 1:
+        raise UsageError(f"--refiner-switch must be in [0, 1], got {args.refiner_switch}")
+    if args.sdedit_strength is not None and not 0 < args.sdedit_strength <= 1:
+        raise UsageError(f"--sdedit-strength must be in (0, 1], got {args.sdedit_strength}")
+    if args.no_kernels:
+        set_default_use_kernels(False)
+    if args.preset == "tiny":
+        if args.refiner is not None:
+            raise UsageError("--preset tiny builds its own refiner; drop --refiner")
+        base, refiner = tiny_components(args.seed)
+    else:
+        if args.refiner is None and (args.refiner_switch is not None or args.sdedit_strength is not None):
+            raise UsageError("--refiner-switch / --sdedit-strength need --refiner")
+        _check_checkpoint(args.base, "base")
+        if args.refiner is not None:
+            _check_checkpoint(args.refiner, "refiner")
+        base = _load(args.base, "base")
+        refiner = _load(args.refiner, "refiner") if args.refiner is not None else None
+    pipe = SDXLPipeline(base, refiner)
+    switch = args.refiner_switch
+    if refiner is not None and switch is None and args.sdedit_strength is None:
+        switch = 0.8
+    if switch is not None:
+        total = args.steps
+    elif args.sdedit_strength is not None:
+        total = args.steps + max(1, int(round(args.sdedit_strength * args.steps)))
+    else:
+        total = args.steps
+    progress = _Progress(total, args.quiet)
+    images = pipe(args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                  cfg=args.cfg, seed=args.seed, size=size, refiner_switch=switch,
+                  sdedit_strength=args.sdedit_strength, output="tensor", callback=progress)
+    progress.close()
+    params = (f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: {args.sampler}, "
+              f"Schedule: {args.schedule}, CFG scale: {args.cfg}, Seed: {args.seed}, Size: {args.size}, "
+              f"Refiner switch: {switch}, SDEdit strength: {args.sdedit_strength}")
+    write_png(args.out, to_uint8(images)[0], params)
+    if not args.quiet:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except UsageError as e:
+        print(f"sdxl: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
