@@ -272,6 +272,18 @@ def _pinned(op: str, provider: str, fn: Callable[[], object]) -> Callable[[], ob
     return run
 
 
+def pick_providers(op: str, names, reason: Callable[[str], str | None], make: Callable[[str], object]) -> dict:
+    """{provider: make(provider)} for every provider reason() lets through; the others become notes."""
+    providers = {}
+    for provider in names:
+        why = reason(provider)
+        if why is None:
+            providers[provider] = make(provider)
+        else:
+            RESULTS.note(op, f"{provider}: not measured, {why}")
+    return providers
+
+
 def mode_step(mode: str, fn: Callable[..., torch.Tensor], inputs: tuple, grad_out: torch.Tensor):
     """The callable a timer repeats for `mode` on fn(*inputs); building it runs fn once (that is where
     torch.compile compiles and where a backend refuses a case).

@@ -288,13 +288,7 @@ def test_attention(case: Case):
     register_targets()
     q, k, v, do = make_inputs(case)
 
-    providers = {}
-    for provider in PROVIDERS:
-        reason = provider_skip_reason(provider, case)
-        if reason is None:
-            providers[provider] = provider_fn(provider)
-        else:
-            RESULTS.note(OP, f"{provider}: not measured, {reason}")
+    providers = _report.pick_providers(OP, PROVIDERS, lambda p: provider_skip_reason(p, case), provider_fn)
     failures = []
     for provider in [p for p in providers if p.startswith("ours-")]:
         try:

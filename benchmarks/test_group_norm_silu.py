@@ -92,13 +92,7 @@ def test_group_norm_silu(case: Case):
     RESULTS.add(OP, case, "copy", "copy", copy, nbytes=2 * x.numel() * x.element_size())
     del dst
 
-    providers = {}
-    for provider in PROVIDERS:
-        reason = _report.skip_reason(provider, DEVICE)
-        if reason is None:
-            providers[provider] = provider_fn(provider)
-        else:
-            RESULTS.note(OP, f"{provider}: not measured, {reason}")
+    providers = _report.pick_providers(OP, PROVIDERS, lambda p: _report.skip_reason(p, DEVICE), provider_fn)
     failures = []
     for provider in [p for p in providers if p.startswith("ours-")]:
         try:
