@@ -1,0 +1,26 @@
+"""SDXL training: multi-aspect buckets and the data layer (image folders, webdataset shards, the bucket batch
+sampler, the latent/text cache) and a synthetic shapes dataset for the tiny demo."""
+from .buckets import Crop, make_buckets, nearest_bucket, resize_and_crop
+from .data import (
+    BucketBatchSampler,
+    ImageFolderDataset,
+    LatentCache,
+    WebDatasetShards,
+    collate,
+    derive_seed,
+)
+from .synthetic import make_shapes_dataset
+
+__all__ = [
+    "BucketBatchSampler",
+    "Crop",
+    "ImageFolderDataset",
+    "LatentCache",
+    "WebDatasetShards",
+    "collate",
+    "derive_seed",
+    "make_buckets",
+    "make_shapes_dataset",
+    "nearest_bucket",
+    "resize_and_crop",
+]
