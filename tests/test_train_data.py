@@ -166,13 +166,14 @@ def test_folder_dataset_samples(shapes_dir):
 def test_folder_dataset_crops_per_epoch(shapes_dir):
     ds = ImageFolderDataset(shapes_dir, BUCKETS, seed=0)
     fixed = ImageFolderDataset(shapes_dir, BUCKETS, seed=0, new_crop_each_epoch=False)
-    e0 = [ds[i]["crop_top_left"] for i in range(len(ds))]
-    assert e0 == [ds[i]["crop_top_left"] for i in range(len(ds))]  # deterministic
+    n = 10
+    e0 = [ds[i]["crop_top_left"] for i in range(n)]
+    assert e0 == [ds[i]["crop_top_left"] for i in range(n)]  # deterministic
     ds.set_epoch(1)
     fixed.set_epoch(1)
-    e1 = [ds[i]["crop_top_left"] for i in range(len(ds))]
+    e1 = [ds[i]["crop_top_left"] for i in range(n)]
     assert e1 != e0
-    assert [fixed[i]["crop_top_left"] for i in range(len(ds))] == e0
+    assert [fixed[i]["crop_top_left"] for i in range(n)] == e0
     centre = ImageFolderDataset(shapes_dir, BUCKETS, random_crop=False)
     s = centre[0]
     rh, rw = resized_size(*s["original_size"], s["target_size"])
@@ -323,6 +324,7 @@ def test_sampler_resume_continues_exactly():
     resumed.load_state_dict(state)
     resumed.set_epoch(3)  # the loop's usual call at the top of the epoch keeps the restored position
     assert head + list(resumed) == expected
+    assert list(resumed) == expected  # the restored position is used once
     resumed.set_epoch(4)
     full.set_epoch(4)
     assert list(resumed) == list(full)
@@ -409,6 +411,18 @@ def test_webdataset_shards_split_by_rank(shards):
     assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
     with pytest.raises(ValueError, match="shard"):
         WebDatasetShards(urls[:1], BUCKETS, 2, world_size=2)
+
+
+def test_loaders_with_workers(shards, shapes_dir):
+    """Worker processes: shards are split between workers (each sample once), folder batches stay whole."""
+    urls, keys = shards
+    wds_loader = torch.utils.data.DataLoader(WebDatasetShards(urls, BUCKETS, 2, seed=0), batch_size=None, num_workers=2)
+    assert sorted(k for b in wds_loader for k in b["key"]) == sorted(keys)
+    ds = ImageFolderDataset(shapes_dir, BUCKETS)
+    sampler = BucketBatchSampler(ds.bucket_ids, 3, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
+    in_process = [b["crop_top_left"] for b in torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)]
+    assert all(torch.equal(a["crop_top_left"], b) for a, b in zip(loader, in_process, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ cache

@@ -251,7 +251,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     are repeated to fill the round (like torch's DistributedSampler; fewer than W batches repeat).
 
     Resume: `state_dict(consumed)` records (epoch, batch index) and `load_state_dict` makes the next `__iter__`
-    continue at exactly that batch. The sampler counts the batches it has handed out, which runs ahead of
+    continue at exactly that batch (later iterations of the same epoch start from its beginning again). The sampler counts the batches it has handed out, which runs ahead of
     training when DataLoader workers prefetch: pass the number of batches the loop consumed this epoch.
     """
 
@@ -276,6 +276,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         )
         self.epoch = 0
         self._position = 0  # batches of this epoch already handed out (or restored)
+        self._resume_at = 0  # where the next __iter__ starts; a restored position is used once
         self._by_bucket: dict[int, list[int]] = {}
         for i, b in enumerate(self.bucket_ids):
             self._by_bucket.setdefault(b, []).append(i)
@@ -326,11 +327,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; a different epoch starts at its first batch, the same one keeps a restored position."""
         if epoch != self.epoch:
-            self.epoch, self._position = epoch, 0
+            self.epoch, self._position, self._resume_at = epoch, 0, 0
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.rank_batches(self.epoch)
-        start = self._position
+        start, self._resume_at = self._resume_at, 0
+        self._position = start
         for i in range(start, len(batches)):
             self._position = i + 1
             yield batches[i]
@@ -351,7 +353,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                            ("world_size", self.world_size), ("num_samples", len(self.bucket_ids))):
             if state[name] != mine:
                 raise ValueError(f"sampler state has {name}={state[name]} but this run has {name}={mine}")
-        self.epoch, self._position = int(state["epoch"]), int(state["batch_index"])
+        self.epoch = int(state["epoch"])
+        self._position = self._resume_at = int(state["batch_index"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
