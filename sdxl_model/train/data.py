@@ -113,8 +113,10 @@ def _read_size(path: Path) -> tuple[int, int]:
     """(h, w) from the header only (no decode), EXIF orientation applied."""
     with Image.open(path) as img:
         w, h = img.size
-        if img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS:
-            h, w = w, h
+        # PNG keeps EXIF after the header; getexif() would decode the whole image to find it
+        if img.format != "PNG" or "exif" in img.info:
+            if img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS:
+                h, w = w, h
     return h, w
 
 
@@ -515,8 +517,9 @@ class LatentCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                                      metadata={"model_id": self.model_id})
+        # copies: views of one tensor (mean, logvar = moments.chunk(2)) cannot be saved as separate entries
+        owned = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        data = safetensors.torch.save(owned, metadata={"model_id": self.model_id})
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
