@@ -50,6 +50,7 @@ class FwdConfig:
     block_n: int  # keys per inner step
     num_warps: int
     num_stages: int
+    tma: bool = False  # K/V/Q/O through tensor descriptors (Hopper's TMA) instead of pointer loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,11 @@ class BwdConfig:
 # text tokens) take a narrow BLOCK_N so the ragged last block wastes less. Chosen so that every variant
 # compiles without spills (python -m sdxl_kernels.tools.compile_check), not yet tuned on a GPU. sm_80's
 # mma.sync keeps more in registers than sm_90's wgmma, hence its narrower tiles for BLOCK_D = 128.
+# sm_90 loads through TMA descriptors: no address arithmetic in registers (BLOCK_N = 128 at head dim 64 needs
+# 158 registers instead of 225), so it takes the wide tiles FlashAttention-3 uses; inputs TMA cannot take
+# (strides not multiples of 16 bytes, head-dim stride ≠ 1) run the pointer kernel with the sm_80 table.
+# Triton's warp specialization (tl.range(warp_specialize=True)) compiles to the same PTX on sm_90 in
+# Triton 3.6 and 3.9 (it is lowered for Blackwell only), so it is not used.
 SHORT_LK = 128
 FWD_CONFIGS = {
     80: {
@@ -74,9 +80,9 @@ FWD_CONFIGS = {
         256: (FwdConfig(64, 32, 8, 2), FwdConfig(64, 32, 8, 2)),
     },
     90: {
-        64: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
-        128: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
-        256: (FwdConfig(64, 32, 8, 2), FwdConfig(64, 32, 8, 2)),
+        64: (FwdConfig(128, 128, 8, 3, tma=True), FwdConfig(128, 32, 8, 3, tma=True)),
+        128: (FwdConfig(128, 128, 8, 2, tma=True), FwdConfig(128, 32, 8, 3, tma=True)),
+        256: (FwdConfig(64, 64, 8, 2, tma=True), FwdConfig(64, 32, 8, 2, tma=True)),
     },
 }
 BWD_CONFIGS = {
@@ -282,6 +288,123 @@ if triton is not None:
         _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
                     HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+    @triton.jit
+    def _fwd_blocks_tma(
+        acc,  # (BLOCK_M, BLOCK_D) float32
+        m_i,  # (BLOCK_M,) float32, running max in log2 units
+        l_i,  # (BLOCK_M,) float32, running sum
+        q,  # (BLOCK_M, BLOCK_D)
+        desc_k,  # (LK, HEAD_DIM) descriptor, (BLOCK_N, BLOCK_D) boxes
+        desc_v,
+        offs_m,
+        start_n,
+        end_n,
+        LK,
+        qk_scale,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """`_fwd_blocks` with K and V fetched by the tensor memory accelerator: rows past LK and columns past
+        HEAD_DIM arrive as zeros, so only the score mask is left to do."""
+        for n0 in range(start_n, end_n, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = desc_k.load([n0, 0])  # (BLOCK_N, BLOCK_D)
+            v = desc_v.load([n0, 0])  # (BLOCK_N, BLOCK_D)
+            qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if MASKED:
+                valid = offs_n[None, :] < LK
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_tma_kernel(
+        q_ptr,  # (B, H, LQ, HEAD_DIM), unit head-dim stride, 16-byte aligned rows
+        k_ptr,  # (B, H // GROUP, LK, HEAD_DIM)
+        v_ptr,  # (B, H // GROUP, LK, HEAD_DIM)
+        o_ptr,  # (B, H, LQ, HEAD_DIM)
+        lse_ptr,  # (B, H, LQ) float32 contiguous, natural log
+        sm_scale,
+        H,
+        GROUP,
+        LQ,
+        LK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """The forward for Hopper: one (L, HEAD_DIM) tensor descriptor per (batch, head) slice of Q, K, V and O,
+        so any batch/head/row strides work and the ragged ends need no load masks. The launcher sends only
+        inputs whose strides are multiples of 8 elements (here pre-divided by 8) and whose head-dim stride
+        is 1, as TMA requires."""
+        stride_qm = stride_qm * 8
+        stride_kn = stride_kn * 8
+        stride_vn = stride_vn * 8
+        stride_om = stride_om * 8
+        pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * 8
+        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * 8
+        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * 8
+        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * 8
+        desc_q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        desc_o = tl.make_tensor_descriptor(o_base, [LQ, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
+
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = desc_q.load([m0, 0])  # (BLOCK_M, BLOCK_D)
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+        hi = LK
+        lo = LK // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(LK, m0 + BLOCK_M)
+            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, desc_k, desc_v, offs_m, 0, lo, LK, qk_scale,
+                                        False, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
+        acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, desc_k, desc_v, offs_m, lo, hi, LK, qk_scale,
+                                        True, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
+
+        out = acc / l_i[:, None]
+        if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:
+            out = _rne_bf16(out)
+        desc_o.store([m0, 0], out.to(o_ptr.dtype.element_ty))  # rows past LQ, columns past HEAD_DIM: not written
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
 
     @triton.jit
@@ -619,8 +742,8 @@ def _arch(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def fwd_config(head_dim: int, lk: int, device: torch.device) -> FwdConfig:
-    long_keys, short_keys = FWD_CONFIGS[_arch(device)][block_d(head_dim)]
+def fwd_config(head_dim: int, lk: int, device: torch.device, arch: int | None = None) -> FwdConfig:
+    long_keys, short_keys = FWD_CONFIGS[_arch(device) if arch is None else arch][block_d(head_dim)]
     return short_keys if lk < SHORT_LK else long_keys
 
 
@@ -640,6 +763,39 @@ def _stride_args(*tensors: torch.Tensor) -> tuple[list[int], int]:
     return args, align
 
 
+def tma_reason(*tensors: torch.Tensor) -> str | None:
+    """None when TMA descriptors can address every tensor: unit head-dim stride, 16-byte aligned base
+    pointers and batch/head/row strides (multiples of 8 fp16/bf16 elements); else why not."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
+    for t in tensors:
+        if t.stride(3) != 1 and t.shape[3] > 1:
+            return "a head-dim stride is not 1"
+        if t.data_ptr() % 16:
+            return "a base pointer is not 16-byte aligned"
+        if any(s % 8 for s in t.stride()[:3]):
+            return "a batch/head/row stride is not a multiple of 8 elements"
+    return None
+
+
+def _torch_allocator(size: int, alignment: int, stream):
+    """Global scratch for kernels that build TMA descriptors on the device (128 bytes per descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that call tl.make_tensor_descriptor need triton.set_allocator; set ours unless the caller set
+    one (the allocator is a context variable, so this runs per launch: autograd's thread has its own)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_torch_allocator)
+
+
 def _triton_forward(q, k, v, causal, scale):
     """q (B, H, Lq, D), k/v (B, H_kv, Lk, D) → out (B, H, Lq, D) in q's memory layout, lse (B, H, Lq) fp32."""
     bsz, heads, lq, head_dim = q.shape
@@ -651,12 +807,20 @@ def _triton_forward(q, k, v, causal, scale):
     if lk == 0:  # softmax over no keys: PyTorch returns zeros
         return out.zero_(), lse.fill_(float("-inf"))
     cfg = fwd_config(head_dim, lk, q.device)
-    strides, align = _stride_args(q, k, v, out)
-    _attn_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bsz * heads)](
-        q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        UPCAST=interpret_upcast(q.dtype), ALIGN=align, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    if cfg.tma and tma_reason(q, k, v, out) is not None:
+        cfg = fwd_config(head_dim, lk, q.device, arch=80)
+    grid = (triton.cdiv(lq, cfg.block_m), bsz * heads)
+    flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, UPCAST=interpret_upcast(q.dtype), num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)  # fmt: skip
+    if cfg.tma:
+        _ensure_allocator()
+        strides = [s // 8 for t in (q, k, v, out) for s in t.stride()[:3]]
+        _attn_fwd_tma_kernel[grid](q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides, **flags)
+    else:
+        strides, align = _stride_args(q, k, v, out)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
+                               ALIGN=align, **flags)  # fmt: skip
     return out, lse
 
 
@@ -717,7 +881,8 @@ def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr"
 
 def compile_specs() -> list[KernelSpec]:
     """Every variant the launchers can pick, for the arch whose table picks it: dtype × BLOCK_D (HEAD_DIM =
-    BLOCK_D) × causal × each distinct tile config; plus, in float16, one padded head dim per BLOCK_D
+    BLOCK_D) × causal × each distinct tile config (sm_90: its TMA forward tiles and the sm_80 pointer tiles it
+    falls back to); plus, in float16, one padded head dim per BLOCK_D
     (40, 80, 160: the extra column masks) and the dK/dV kernel writing float32 GQA partials."""
     specs = []
     for arch in FWD_CONFIGS:
@@ -733,10 +898,13 @@ def compile_specs() -> list[KernelSpec]:
                 for causal in (False, True):
                     flags = dims | dict(CAUSAL=causal, UPCAST=False)
                     tag = f"{shape}{' causal' if causal else ''}"
-                    for c in dict.fromkeys(FWD_CONFIGS[arch][bd]):  # distinct, in order
+                    # sm_90 also runs the sm_80 pointer tiles, for inputs TMA cannot address.
+                    fwd = FWD_CONFIGS[arch][bd] + (FWD_CONFIGS[80][bd] if arch != 80 else ())
+                    for c in dict.fromkeys(fwd):  # distinct, in order
                         tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
-                        label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}"
-                        specs.append(_spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+                        label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
+                        kernel = _attn_fwd_tma_kernel if c.tma else _attn_fwd_kernel
+                        specs.append(_spec(kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
                     c = BWD_CONFIGS[arch][bd]
                     tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1)
                     label = f"{tag} M{c.block_m1} N{c.block_n1} s{c.num_stages}"

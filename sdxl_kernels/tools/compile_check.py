@@ -4,7 +4,8 @@
 
 Each variant goes through `triton.compile(..., target=GPUTarget("cuda", arch, 32))`; the PTX then goes
 through the `ptxas` that ships with Triton with `-v`, which reports registers, spills and static shared
-memory, and whether the PTX uses Hopper's warpgroup MMA (`wgmma`, sm_90 only). Prints one row per (kernel,
+memory, whether the PTX uses Hopper's warpgroup MMA (`wgmma`, sm_90 only) and its tensor memory accelerator
+(`tma`: cp.async.bulk.tensor). Prints one row per (kernel,
 config, arch); exits 1 on any spill, on shared memory over the arch's limit, or on a failed compile.
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ def compile_one(job: tuple[int, int]) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options())
         row["triton_smem"] = int(compiled.metadata.shared)
         row["wgmma"] = "wgmma.mma_async" in compiled.asm["ptx"]
+        row["tma"] = "cp.async.bulk.tensor" in compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         rows = list(pool.map(compile_one, jobs, chunksize=4))
 
     header = (
-        f"{'kernel':<24} {'config':<46} {'arch':<6} {'warps':>5} {'regs':>5} {'smem':>7} {'spills':>7} {'wgmma':>5}"
+        f"{'kernel':<24} {'config':<46} {'arch':<6} {'warps':>5} {'regs':>5} {'smem':>7} {'spills':>7} {'wgmma':>5} {'tma':>3}"
         "  status"
     )
     print(header)
@@ -127,9 +129,10 @@ def main(argv=None) -> int:
         bad += bool(issues)
         spills = row.get("spill_stores", 0) + row.get("spill_loads", 0)
         wgmma = "-" if row["arch"] != "sm_90" or "wgmma" not in row else ("yes" if row["wgmma"] else "no")
+        tma = "-" if "tma" not in row else ("yes" if row["tma"] else "no")
         print(
             f"{row['kernel']:<24} {row['config']:<46} {row['arch']:<6} {row['warps']:>5} "
-            f"{row.get('registers', -1):>5} {row.get('smem', 0):>7} {spills:>7} {wgmma:>5}  {'; '.join(issues) or 'ok'}"
+            f"{row.get('registers', -1):>5} {row.get('smem', 0):>7} {spills:>7} {wgmma:>5} {tma:>3}  {'; '.join(issues) or 'ok'}"
         )
     print(f"\n{len(rows)} variants compiled for {', '.join(f'sm_{a}' for a in args.arch)}: {bad} with problems")
     if args.json:
