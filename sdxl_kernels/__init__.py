@@ -3,6 +3,7 @@ from .backends import BACKENDS, extension, get_backend, last_backend, set_backen
 from .ops.attention import flash_attention, scaled_dot_product_attention
 from .ops.fourier_embedding import fourier_embedding
 from .ops.group_norm_silu import GroupNormSiLU, group_norm_silu
+from .patch import PatchReport, patch, unpatch, use_kernels
 from .reference import attention_ref, fourier_embedding_ref, group_norm_silu_ref
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ extension()  # load the C++/CUDA extension now; warns once if it is not built
 __all__ = [
     "BACKENDS",
     "GroupNormSiLU",
+    "PatchReport",
     "attention_ref",
     "flash_attention",
     "fourier_embedding",
@@ -20,6 +22,9 @@ __all__ = [
     "group_norm_silu",
     "group_norm_silu_ref",
     "last_backend",
+    "patch",
     "scaled_dot_product_attention",
     "set_backend",
+    "unpatch",
+    "use_kernels",
 ]

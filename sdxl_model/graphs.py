@@ -49,6 +49,9 @@ class Captured:
 
 def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], warmup: int) -> Captured:
     """Warm `fn` up on a side stream, then capture fn(*static inputs) into a torch.cuda.CUDAGraph."""
+    devices = {a.device for a in args}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise ValueError(f"inputs on {sorted(map(str, devices))}: CUDA graphs need every input on one CUDA device")
     static = tuple(a.detach().clone() for a in args)
     side = torch.cuda.Stream(device=static[0].device)
     side.wait_stream(torch.cuda.current_stream(static[0].device))
@@ -87,9 +90,6 @@ class GraphedUNet:
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor):
         args = (x, timesteps, context, y)
         if self.fallback_reason is not None or torch.is_grad_enabled():
-            return self.unet(*args)
-        if x.device.type != "cuda":
-            self._fall_back(f"inputs on {x.device}, CUDA graphs need CUDA tensors")
             return self.unet(*args)
         key = signature(*args)
         if self.graph is None or self.graph.key != key:

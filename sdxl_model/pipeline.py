@@ -262,8 +262,10 @@ class SDXLPipeline:
             image = image.expand(len(prompts), -1, -1, -1)
         h, w = (int(s) for s in (size or (1024, 1024)))
         f = self.base.vae.config.downsample_factor
-        if h <= 0 or w <= 0 or h % f or w % f:
-            raise ValueError(f"size {h}x{w} must be positive multiples of the VAE's downsampling factor {f}")
+        m = f * 2 ** (self.base.unet.config.num_levels - 1)
+        if h <= 0 or w <= 0 or h % m or w % m:
+            raise ValueError(f"size {h}x{w}: height and width must be positive multiples of {m} (the VAE "
+                             f"downsamples by {f}, the UNet by {m // f} more)")
         original_size = _pair(original_size, (h, w))
         target_size = _pair(target_size, (h, w))
         neg_orig = _pair(negative_original_size, original_size)

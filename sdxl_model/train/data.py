@@ -517,9 +517,8 @@ class LatentCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # copies: views of one tensor (mean, logvar = moments.chunk(2)) cannot be saved as separate entries
-        owned = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        data = safetensors.torch.save(owned, metadata={"model_id": self.model_id})
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        data = safetensors.torch.save(cpu, metadata={"model_id": self.model_id})
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
