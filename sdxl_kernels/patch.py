@@ -1,0 +1,594 @@
+"""Drop-in patching of foreign models: diffusers, sgm/ldm-style and plain `nn.Module`s onto our kernels.
+
+    report = sdxl_kernels.patch(pipe.unet)   # in place; print(report) says what was replaced and what was left
+    sdxl_kernels.unpatch(pipe.unet)          # the original modules, processors and classes, exactly
+
+What `patch` recognises (by structure and class name; diffusers is never imported):
+  group_norm_silu  nn.GroupNorm directly followed by nn.SiLU in an nn.Sequential (sgm/ldm ResBlock in_layers /
+                   out_layers); diffusers ResnetBlock2D's norm1/norm2 + nonlinearity; diffusers Encoder /
+                   Decoder / UNet2D(Condition)Model conv_norm_out + conv_act
+  group_norm       every other exact nn.GroupNorm (our op with activation=None)
+  attention        diffusers `Attention` on the default AttnProcessor2_0 → `SDPAAttnProcessor` (set_processor);
+                   sgm/ldm CrossAttention / MemoryEfficientCrossAttention (to_q/to_k/to_v/to_out, heads)
+  embedding        diffusers `Timesteps` and sgm `Timestep` → `fourier_embedding`
+  native           this project's own modules (a `kernels` switch): switched on
+
+How: parameters never move and module paths never change, so the state dict is untouched. A GroupNorm becomes
+our `GroupNormSiLU` by a class swap (same object, same Parameters, hooks kept); the SiLU after it in a
+Sequential becomes nn.Identity; blocks whose forward must change (ResnetBlock2D, where `nonlinearity` also
+acts on the time embedding, and sgm attention) get a subclass of their own class with one forward overridden,
+again by a class swap. Every change is recorded on the model and `unpatch` undoes them in reverse. A patched
+model cannot be pickled whole (the subclasses are made at run time): unpatch before `torch.save(model)`, or
+save its state dict, which is the original's.
+
+`use_kernels()` is the fallback for code that cannot be patched structurally: for its duration
+`torch.nn.functional.scaled_dot_product_attention` and `torch.nn.functional.group_norm` route to ours.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .ops import attention as _attention
+from .ops.attention import scaled_dot_product_attention
+from .ops.fourier_embedding import fourier_embedding
+from .ops.group_norm_silu import GroupNormSiLU, check_inputs, group_norm_silu
+
+KINDS = ("group_norm_silu", "group_norm", "attention", "embedding", "native")
+_STATE = "_sdxl_kernels_patch"  # instance attribute of a patched model: the report and the undo log
+_ORIGINAL = "_sdxl_kernels_original"  # class attribute of our run-time subclasses: the class they replace
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Replaced:
+    kind: str  # one of KINDS
+    path: str  # module path in the patched model ("" for the model itself)
+    what: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Left:
+    kind: str
+    path: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What `patch` replaced (by kind, with module paths) and what it left, with the reason."""
+
+    replaced: list[Replaced] = dataclasses.field(default_factory=list)
+    left: list[Left] = dataclasses.field(default_factory=list)
+    already_patched: bool = False  # True when the model had been patched before: nothing was changed
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(r.kind == k for r in self.replaced) for k in KINDS}
+
+    def paths(self, kind: str) -> list[str]:
+        return [r.path for r in self.replaced if r.kind == kind]
+
+    def __str__(self) -> str:
+        head = "already patched (nothing changed); " if self.already_patched else ""
+        counts = ", ".join(f"{k} {n}" for k, n in self.counts().items() if n)
+        lines = [f"sdxl_kernels.patch: {head}replaced {counts or 'nothing'}; left {len(self.left)}"]
+        lines += [f"  + {r.kind:15s} {r.path or '<model>'}: {r.what}" for r in self.replaced]
+        lines += [f"  - {r.kind:15s} {r.path or '<model>'}: {r.reason}" for r in self.left]
+        return "\n".join(lines)
+
+
+# ---- the undo log ---------------------------------------------------------------------------------------
+# Entries are plain tuples of module references (no closures), so copy.deepcopy of a patched model maps them
+# onto the copy and `unpatch` of the copy undoes the copy's changes.
+#   ("class", module, old_class, added_attrs)   ("child", parent, name, old_child)
+#   ("processor", attention, old_processor)     ("attr", module, name, old_value)
+
+
+@dataclasses.dataclass
+class _State:
+    report: PatchReport
+    undo: list[tuple]
+
+
+def _undo(entry: tuple) -> None:
+    what = entry[0]
+    if what == "class":
+        _, m, old_class, attrs = entry
+        m.__class__ = old_class
+        for name in attrs:
+            m.__dict__.pop(name, None)
+    elif what == "child":
+        _, parent, name, old = entry
+        parent._modules[name] = old
+    elif what == "processor":
+        _, attn, old = entry
+        attn.set_processor(old)
+    elif what == "attr":
+        _, m, name, old = entry
+        setattr(m, name, old)
+
+
+def _swap_class(m: nn.Module, new_class: type, undo: list, **attrs) -> None:
+    undo.append(("class", m, type(m), tuple(attrs)))
+    m.__class__ = new_class
+    for name, value in attrs.items():
+        m.__dict__[name] = value
+
+
+_SUBCLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def _overridden(cls: type, forward: Callable) -> type:
+    """`cls` with `forward` replaced: same name (reprs and class-name checks see the original), made once."""
+    key = (cls, forward)
+    if key not in _SUBCLASSES:
+        body = {"forward": forward, _ORIGINAL: cls, "__module__": __name__, "__qualname__": cls.__qualname__}
+        _SUBCLASSES[key] = type(cls.__name__, (cls,), body)
+    return _SUBCLASSES[key]
+
+
+def _is_ours(m: nn.Module) -> bool:
+    return _ORIGINAL in type(m).__dict__
+
+
+def _original_forward(self):
+    return type(self).__dict__[_ORIGINAL].forward.__get__(self)
+
+
+# ---- recognisers ----------------------------------------------------------------------------------------
+
+
+def _from_diffusers(m: nn.Module, *names: str) -> bool:
+    cls = type(m)
+    return cls.__name__ in names and cls.__module__.split(".")[0] == "diffusers"
+
+
+def _instance_forward(m: nn.Module) -> bool:
+    """A forward set on the instance (accelerate's hooks do this) would hide a class swap."""
+    return "forward" in m.__dict__
+
+
+def _fuse_norm(gn: nn.GroupNorm, undo: list, activation: str | None) -> None:
+    _swap_class(gn, GroupNormSiLU, undo, activation=activation)
+
+
+def _fusable_pair(gn, act) -> str | None:
+    """None when GroupNorm `gn` and activation `act` can become one fused GroupNormSiLU, else why not."""
+    if type(gn) is not nn.GroupNorm:
+        return f"{type(gn).__name__} is not an exact nn.GroupNorm"
+    if type(act) is not nn.SiLU:
+        return f"the activation is {type(act).__name__}, not nn.SiLU"
+    if _instance_forward(gn):
+        return "the GroupNorm has an instance-level forward (a hook wrapper)"
+    return None
+
+
+class _Patcher:
+    def __init__(self, attention: bool, group_norm_silu: bool, embeddings: bool):
+        self.flags = {"attention": attention, "group_norm_silu": group_norm_silu, "embedding": embeddings}
+        self.report = PatchReport()
+        self.undo: list[tuple] = []
+        self.claimed: set[int] = set()  # GroupNorms that a pattern handled (or must keep)
+
+    def replaced(self, kind, path, what):
+        self.report.replaced.append(Replaced(kind, path, what))
+
+    def left(self, kind, path, reason):
+        self.report.left.append(Left(kind, path, reason))
+
+    def run(self, model: nn.Module) -> None:
+        modules = list(model.named_modules(remove_duplicate=True))
+        for path, m in modules:
+            self.visit(_join(path), m)
+        if self.flags["group_norm_silu"]:
+            for path, m in modules:
+                if type(m) is nn.GroupNorm and id(m) not in self.claimed:
+                    if _instance_forward(m):
+                        self.left("group_norm", path, "instance-level forward (a hook wrapper)")
+                        continue
+                    _fuse_norm(m, self.undo, None)
+                    self.replaced("group_norm", path, "nn.GroupNorm -> GroupNormSiLU(activation=None)")
+
+    def visit(self, path: str, m: nn.Module) -> None:
+        if _is_ours(m):
+            self.left("native", path, "already patched by sdxl_kernels (patched through another model?)")
+            return
+        if _is_native_switch(m):
+            self.native(path, m)
+            return
+        if self.flags["group_norm_silu"]:
+            if isinstance(m, nn.Sequential):
+                self.sequential(path, m)
+            elif _from_diffusers(m, "ResnetBlock2D"):
+                self.resnet_block_2d(path, m)
+            if _from_diffusers(m, "Encoder", "Decoder", "UNet2DConditionModel", "UNet2DModel"):
+                self.norm_out(path, m)
+        if self.flags["attention"]:
+            if _from_diffusers(m, "Attention") and hasattr(m, "set_processor"):
+                self.diffusers_attention(path, m)
+            elif type(m).__name__ in ("CrossAttention", "MemoryEfficientCrossAttention"):
+                self.sgm_attention(path, m)
+        if self.flags["embedding"]:
+            if _from_diffusers(m, "Timesteps"):
+                self.diffusers_timesteps(path, m)
+            elif type(m).__name__ == "Timestep" and isinstance(getattr(m, "dim", None), int):
+                self.sgm_timestep(path, m)
+            elif type(m).__name__ == "UNetModel" and hasattr(m, "model_channels") and hasattr(m, "time_embed"):
+                self.left("embedding", _join(path, "time_embed"), "sgm UNetModel computes its timestep "
+                          "embedding with the function timestep_embedding() inside forward; not patchable")
+
+    # -- GroupNorm + SiLU ------------------------------------------------------------------------------
+
+    def sequential(self, path: str, seq: nn.Sequential) -> None:
+        names = list(seq._modules)
+        for i in range(len(names) - 1):
+            gn, act = seq._modules[names[i]], seq._modules[names[i + 1]]
+            if type(gn) is not nn.GroupNorm or id(gn) in self.claimed:
+                continue
+            why = _fusable_pair(gn, act) or ("the SiLU has hooks" if _has_hooks(act) else None)
+            if why is not None:
+                if isinstance(act, nn.SiLU):
+                    self.left("group_norm_silu", _join(path, names[i]), why)
+                continue
+            self.claimed.add(id(gn))
+            _fuse_norm(gn, self.undo, "silu")
+            identity = nn.Identity().train(act.training)
+            self.undo.append(("child", seq, names[i + 1], act))
+            seq._modules[names[i + 1]] = identity
+            self.replaced("group_norm_silu", _join(path, names[i]),
+                          f"GroupNorm + SiLU ({_join(path, names[i + 1])} -> Identity) fused")
+
+    def resnet_block_2d(self, path: str, m: nn.Module) -> None:
+        required = ("norm1", "norm2", "conv1", "conv2", "nonlinearity", "time_emb_proj", "time_embedding_norm",
+                    "skip_time_act", "upsample", "downsample", "dropout", "conv_shortcut", "output_scale_factor")
+        missing = [a for a in required if not hasattr(m, a)]
+        why = (f"unknown ResnetBlock2D layout (no {missing})" if missing else
+               "instance-level forward (a hook wrapper)" if _instance_forward(m) else
+               _fusable_pair(m.norm1, m.nonlinearity))
+        scale_shift = not missing and m.time_embedding_norm == "scale_shift"
+        if why is None and not scale_shift:
+            why = _fusable_pair(m.norm2, m.nonlinearity)
+        if why is not None:
+            for norm in ("norm1", "norm2"):
+                self.left("group_norm_silu", _join(path, norm), why)
+            return
+        _swap_class(m, _overridden(type(m), _resnet_block_2d_forward), self.undo)
+        pairs = ("norm1",) if scale_shift else ("norm1", "norm2")
+        for norm in pairs:
+            gn = getattr(m, norm)
+            self.claimed.add(id(gn))
+            _fuse_norm(gn, self.undo, "silu")
+            self.replaced("group_norm_silu", _join(path, norm), "ResnetBlock2D GroupNorm + nonlinearity fused "
+                          "(forward overridden; nonlinearity still applied to temb)")
+        if scale_shift:
+            self.left("group_norm_silu", _join(path, "norm2"), "scale_shift modulation sits between norm2 and "
+                      "the SiLU (norm2 runs as plain group norm)")
+
+    def norm_out(self, path: str, m: nn.Module) -> None:
+        gn, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
+        if gn is None or act is None:
+            return
+        why = _fusable_pair(gn, act) or ("conv_act has hooks" if _has_hooks(act) else None)
+        if why is not None:
+            self.left("group_norm_silu", _join(path, "conv_norm_out"), why)
+            return
+        # conv_act is used only right after conv_norm_out in these classes' forward
+        self.claimed.add(id(gn))
+        _fuse_norm(gn, self.undo, "silu")
+        self.undo.append(("child", m, "conv_act", act))
+        m._modules["conv_act"] = nn.Identity().train(act.training)
+        self.replaced("group_norm_silu", _join(path, "conv_norm_out"), "conv_norm_out + conv_act fused "
+                      "(conv_act -> Identity)")
+
+    # -- attention --------------------------------------------------------------------------------------
+
+    def diffusers_attention(self, path: str, m: nn.Module) -> None:
+        processor = m.processor
+        name = type(processor).__name__
+        if isinstance(processor, SDPAAttnProcessor):
+            self.left("attention", path, "already on SDPAAttnProcessor")
+        elif name != "AttnProcessor2_0":
+            self.left("attention", path, f"custom processor {name} (only the default AttnProcessor2_0 is "
+                      "replaced, so LoRA/IP-adapter/other processors keep their own math)")
+        else:
+            self.undo.append(("processor", m, processor))
+            m.set_processor(SDPAAttnProcessor())
+            self.replaced("attention", path, "diffusers Attention: AttnProcessor2_0 -> SDPAAttnProcessor")
+
+    def sgm_attention(self, path: str, m: nn.Module) -> None:
+        ok = (all(isinstance(getattr(m, a, None), nn.Module) for a in ("to_q", "to_k", "to_v", "to_out"))
+              and isinstance(getattr(m, "heads", None), int))
+        if not ok:
+            self.left("attention", path, f"{type(m).__name__} without to_q/to_k/to_v/to_out and an int `heads`")
+        elif _instance_forward(m):
+            self.left("attention", path, "instance-level forward (a hook wrapper)")
+        else:
+            _swap_class(m, _overridden(type(m), _cross_attention_forward), self.undo)
+            self.replaced("attention", path, f"{type(m).__name__}: forward on sdxl_kernels SDPA (masks and "
+                          "extra arguments go to the original forward)")
+
+    # -- embeddings -------------------------------------------------------------------------------------
+
+    def diffusers_timesteps(self, path: str, m: nn.Module) -> None:
+        if getattr(m, "scale", 1) != 1:
+            self.left("embedding", path, f"Timesteps(scale={m.scale}): our op has no scale")
+        elif _instance_forward(m):
+            self.left("embedding", path, "instance-level forward (a hook wrapper)")
+        else:
+            _swap_class(m, _overridden(type(m), _diffusers_timesteps_forward), self.undo)
+            self.replaced("embedding", path, f"Timesteps({m.num_channels}, flip_sin_to_cos={m.flip_sin_to_cos}, "
+                          f"shift={m.downscale_freq_shift}) -> fourier_embedding")
+
+    def sgm_timestep(self, path: str, m: nn.Module) -> None:
+        if _instance_forward(m) or list(m.children()) or list(m.parameters(recurse=False)):
+            self.left("embedding", path, "Timestep with an unexpected layout or an instance-level forward")
+            return
+        _swap_class(m, _overridden(type(m), _sgm_timestep_forward), self.undo)
+        self.replaced("embedding", path, f"sgm Timestep({m.dim}) -> fourier_embedding")
+
+    # -- our own modules --------------------------------------------------------------------------------
+
+    def native(self, path: str, m: nn.Module) -> None:
+        kind = ("group_norm_silu" if isinstance(m, GroupNormSiLU) else
+                "attention" if hasattr(m, "to_q") or hasattr(m, "q") else "embedding")
+        flag = self.flags["attention" if kind == "attention" else "group_norm_silu" if kind != "embedding"
+                          else "embedding"]
+        if not flag:
+            return
+        if m.kernels:
+            self.left("native", path, f"{type(m).__name__} already runs on sdxl_kernels")
+            return
+        self.undo.append(("attr", m, "_kernels", m._kernels))
+        m._kernels = True
+        self.replaced("native", path, f"{type(m).__name__}: kernel switch turned on")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _is_native_switch(m: nn.Module) -> bool:
+    """This project's modules (sdxl_model) carry a `kernels` property over a `_kernels` attribute."""
+    return isinstance(getattr(type(m), "kernels", None), property) and hasattr(m, "_kernels")
+
+
+# ---- the overridden forwards ----------------------------------------------------------------------------
+
+
+def _resnet_block_2d_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers ResnetBlock2D.forward (0.2x–0.4x) with norm1 (and norm2 unless scale_shift) already fused with
+    the SiLU after them; `self.nonlinearity` still acts on temb, as there."""
+    hidden_states = self.norm1(input_tensor)  # GroupNorm + SiLU
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+        hidden_states = self.norm2(hidden_states)  # plain group norm
+        hidden_states = hidden_states * (1 + time_scale) + time_shift
+        hidden_states = self.nonlinearity(hidden_states)
+    else:
+        if self.time_embedding_norm == "default" and temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = self.norm2(hidden_states)  # GroupNorm + SiLU
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _plain(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+
+
+def _cross_attention_forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None, **kwargs):
+    """sgm/ldm CrossAttention on our SDPA. x (B, L, query_dim), context (B, S, context_dim) → (B, L, query_dim).
+    A mask or sgm's extra arguments (additional_tokens, n_times_crossframe_attn_in_self) take the original
+    forward: their semantics differ between sgm and ldm."""
+    if mask is not None or not all(_plain(v) for v in kwargs.values()):
+        return _original_forward(self)(x, context, mask, **kwargs)
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, L|S, H*D)
+    b, h = x.shape[0], self.heads
+    q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L|S, D)
+    scale = getattr(self, "scale", None)
+    out = scaled_dot_product_attention(q, k, v, scale=None if scale is None else float(scale))  # (B, H, L, D)
+    out = out.transpose(1, 2).reshape(b, x.shape[1], -1)  # (B, L, H*D)
+    return self.to_out(out)
+
+
+def _diffusers_timesteps_forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+    """diffusers `get_timestep_embedding` (B,) → (B, num_channels) float32, in one kernel."""
+    if timesteps.dim() != 1:
+        return _original_forward(self)(timesteps)
+    return fourier_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                             downscale_freq_shift=float(self.downscale_freq_shift))
+
+
+def _sgm_timestep_forward(self, t: torch.Tensor) -> torch.Tensor:
+    """sgm `timestep_embedding(t, dim)` (cos first, shift 0) (B,) → (B, dim) float32, in one kernel."""
+    if t.dim() != 1:
+        return _original_forward(self)(t)
+    return fourier_embedding(t, self.dim)
+
+
+# ---- diffusers attention processor -----------------------------------------------------------------------
+
+
+class SDPAAttnProcessor:
+    """diffusers' AttnProcessor2_0, line for line, with `sdxl_kernels.scaled_dot_product_attention`: the same
+    group_norm, spatial_norm, norm_cross, norm_q/norm_k, residual_connection and rescale_output_factor; like
+    AttnProcessor2_0 it uses SDPA's default scale. With an attention mask our SDPA defers to PyTorch's."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, HW, C)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, L, D)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, S, D)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )  # (B, H, L, D)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ---- public API -----------------------------------------------------------------------------------------
+
+
+def patch(model: nn.Module, *, attention: bool = True, group_norm_silu: bool = True, embeddings: bool = True
+          ) -> PatchReport:
+    """Put `model` on sdxl_kernels in place: fused GroupNorm+SiLU (and plain GroupNorm), our attention, our
+    Fourier embeddings, wherever the structure is recognised (see the module docstring). Outputs equal the
+    unpatched model's to kernel precision; the state dict and module paths do not change. Returns the report;
+    a second call changes nothing and returns the first report with `already_patched=True`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects an nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(_STATE)
+    if state is not None:
+        return dataclasses.replace(state.report, already_patched=True)
+    patcher = _Patcher(attention, group_norm_silu, embeddings)
+    try:
+        patcher.run(model)
+    except BaseException:
+        for entry in reversed(patcher.undo):
+            _undo(entry)
+        raise
+    model.__dict__[_STATE] = _State(patcher.report, patcher.undo)
+    return patcher.report
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Undo `patch(model)`: the original classes, modules and attention processors, in reverse order. The
+    Parameters were never replaced, so training done while patched is kept. False when `model` was not
+    patched."""
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return False
+    for entry in reversed(state.undo):
+        _undo(entry)
+    return True
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _STATE in model.__dict__
+
+
+# ---- use_kernels ----------------------------------------------------------------------------------------
+
+
+def _routed_sdpa(replaced: Callable) -> Callable:
+    def scaled_dot_product_attention_(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+                                      scale=None, enable_gqa=False):
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if type(query) is torch.Tensor and backends.select(_attention.OP, _attention.PREDICATES, *args) != "torch":
+            return scaled_dot_product_attention(*args[:6], scale=scale, enable_gqa=enable_gqa)
+        # our SDPA would call F.scaled_dot_product_attention, i.e. us: go to what we replaced instead
+        gqa = {"enable_gqa": True} if enable_gqa else {}
+        return replaced(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **gqa)
+
+    return scaled_dot_product_attention_
+
+
+def _routed_group_norm(replaced: Callable) -> Callable:
+    def group_norm_(input, num_groups, weight=None, bias=None, eps=1e-5):
+        if type(input) is torch.Tensor and input.dim() >= 2:
+            try:
+                check_inputs(input, num_groups, weight, bias, eps, None)
+            except (TypeError, ValueError):
+                pass  # F.group_norm's own error or semantics
+            else:
+                return group_norm_silu(input, num_groups, weight, bias, eps, activation=None)
+        return replaced(input, num_groups, weight, bias, eps)
+
+    return group_norm_
+
+
+@contextlib.contextmanager
+def use_kernels(*, attention: bool = True, group_norm: bool = True) -> Iterator[None]:
+    """For the duration, `torch.nn.functional.scaled_dot_product_attention` and `torch.nn.functional.group_norm`
+    (hence every nn.GroupNorm) run on sdxl_kernels, for code that cannot be patched structurally. Restored on
+    exit, also on an exception; nests (each level restores what it found). The following F.silu is not fused:
+    a fused result would have to be returned before the SiLU is seen; use `patch` for that. Process-global:
+    other threads see the routing too. Code that bound the functions at import (`from torch.nn.functional import
+    group_norm`) is not affected."""
+    saved = {"scaled_dot_product_attention": F.scaled_dot_product_attention, "group_norm": F.group_norm}
+    try:
+        if attention:
+            F.scaled_dot_product_attention = _routed_sdpa(saved["scaled_dot_product_attention"])
+        if group_norm:
+            F.group_norm = _routed_group_norm(saved["group_norm"])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
