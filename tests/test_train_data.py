@@ -5,7 +5,6 @@ import io
 import logging
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,7 +157,8 @@ def test_folder_dataset_samples(shapes_dir):
         # independent decode → resize → slice at the recorded crop → [-1, 1]
         rh, rw = resized_size(src.height, src.width, (bh, bw))
         top, left = s["crop_top_left"]
-        ref = np.asarray(src.resize((rw, rh), Image.Resampling.BICUBIC), dtype=np.float32)[top : top + bh, left : left + bw]
+        resized = np.asarray(src.resize((rw, rh), Image.Resampling.BICUBIC), dtype=np.float32)
+        ref = resized[top : top + bh, left : left + bw]
         torch.testing.assert_close(s["pixels"], torch.from_numpy(ref).permute(2, 0, 1) / 127.5 - 1, atol=1e-6, rtol=0)
         assert s["pixels"].min() >= -1 and s["pixels"].max() <= 1
 
@@ -421,7 +421,8 @@ def test_loaders_with_workers(shards, shapes_dir):
     ds = ImageFolderDataset(shapes_dir, BUCKETS)
     sampler = BucketBatchSampler(ds.bucket_ids, 3, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
-    in_process = [b["crop_top_left"] for b in torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)]
+    in_process = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    in_process = [b["crop_top_left"] for b in in_process]
     assert all(torch.equal(a["crop_top_left"], b) for a, b in zip(loader, in_process, strict=True))
 
 
@@ -447,8 +448,13 @@ def test_latent_cache_round_trip(tmp_path):
     assert LatentCache(tmp_path, "vae-test").get(key) is not None  # persists across instances
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
     # the key covers every part and the model
-    assert len({key, cache.key("/data/a.png|123|456", (3, 1), (64, 48)), cache.key("/data/a.png|124|456", (3, 0), (64, 48)),
-                LatentCache(tmp_path, "vae-other").key("/data/a.png|123|456", (3, 0), (64, 48))}) == 4
+    variants = {
+        key,
+        cache.key("/data/a.png|123|456", (3, 1), (64, 48)),  # another crop
+        cache.key("/data/a.png|124|456", (3, 0), (64, 48)),  # the file changed
+        LatentCache(tmp_path, "vae-other").key("/data/a.png|123|456", (3, 0), (64, 48)),  # another model
+    }
+    assert len(variants) == 4
     assert key == LatentCache(tmp_path / "x", "vae-test").key("/data/a.png|123|456", (3, 0), (64, 48))
 
 

@@ -216,7 +216,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             j = (index + k) % n
             if self.records[j].bucket_id == bucket and j not in self._bad:
                 return j
-        raise RuntimeError(f"no readable image left in bucket {self.buckets[bucket]} (last tried {self.records[index].path})")
+        raise RuntimeError(
+            f"no readable image left in bucket {self.buckets[bucket]} (last tried {self.records[index].path})"
+        )
 
     def __getitem__(self, index: int) -> dict:
         while True:
@@ -253,8 +255,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     are repeated to fill the round (like torch's DistributedSampler; fewer than W batches repeat).
 
     Resume: `state_dict(consumed)` records (epoch, batch index) and `load_state_dict` makes the next `__iter__`
-    continue at exactly that batch (later iterations of the same epoch start from its beginning again). The sampler counts the batches it has handed out, which runs ahead of
-    training when DataLoader workers prefetch: pass the number of batches the loop consumed this epoch.
+    continue at exactly that batch (later iterations of the same epoch start from its beginning again). The
+    sampler counts the batches it has handed out, which runs ahead of training when DataLoader workers
+    prefetch: pass the number of batches the loop consumed this epoch.
     """
 
     def __init__(

@@ -25,7 +25,9 @@ COLOURS = {
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 
 
-def draw_shape(size: tuple[int, int], shape: str, colour: str, background: str, rng: np.random.Generator) -> Image.Image:
+def draw_shape(
+    size: tuple[int, int], shape: str, colour: str, background: str, rng: np.random.Generator
+) -> Image.Image:
     """One shape of side ~40-80% of the short side at a random position inside an (h, w) image."""
     h, w = size
     img = Image.new("RGB", (w, h), BACKGROUNDS[background])
@@ -74,7 +76,9 @@ def make_shapes_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdxl_model.train.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sdxl_model.train.synthetic", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out", help="output folder (created)")
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
