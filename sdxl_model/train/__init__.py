@@ -9,7 +9,6 @@ from .data import (
     collate,
     derive_seed,
 )
-from .synthetic import make_shapes_dataset
 
 __all__ = [
     "BucketBatchSampler",
@@ -24,3 +23,12 @@ __all__ = [
     "nearest_bucket",
     "resize_and_crop",
 ]
+
+
+def __getattr__(name):
+    # imported lazily so `python -m sdxl_model.train.synthetic` does not find its module half-imported
+    if name == "make_shapes_dataset":
+        from .synthetic import make_shapes_dataset
+
+        return make_shapes_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
