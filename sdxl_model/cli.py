@@ -2,9 +2,11 @@
 
     sdxl generate "a cat" --base sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors
     sdxl generate "a cat" --preset tiny --steps 4 --size 64x64   # random tiny weights: a smoke test, writes noise
+    sdxl generate "a cat, oil painting" --base ... --image photo.png --strength 0.5   # img2img
+    sdxl generate "a cat" --base ... --seed 7 --batch 4   # seeds 7..10 → out-0.png … out-3.png
 
 Bad input (a missing file, a base given as refiner, a size not a multiple of 8, both --refiner-switch and
---sdedit-strength) exits with status 2 and a one-line message.
+--sdedit-strength, --strength without --image) exits with status 2 and a one-line message.
 """
 from __future__ import annotations
 
@@ -49,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="dpmpp_2m", choices=sorted(sampling.SAMPLERS))
     g.add_argument("--schedule", default="karras", choices=["legacy", "karras", "exponential"])
     g.add_argument("--cfg", type=float, default=5.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i of --batch uses seed + i")
+    g.add_argument("--batch", type=int, default=1, help="images to generate (written as OUT-0.png, OUT-1.png, …)")
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024; 64x64 with "
-                   "--preset tiny)")
+                   "--preset tiny; the image's size with --image)")
+    g.add_argument("--image", type=Path, default=None, help="img2img: start from this image (resized to --size "
+                   "if given)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img: share of the schedule to run, in (0, 1] (default 0.3)")
     g.add_argument("--refiner-switch", type=float, default=None,
                    help="hand off to the refiner at this fraction of the steps (default 0.8 with a refiner)")
     g.add_argument("--sdedit-strength", type=float, default=None,
@@ -189,9 +196,14 @@ def generate(args) -> int:
     from .pipeline import to_uint8
     from .unet import set_default_use_kernels
 
-    if args.size is None:
+    if args.size is None and args.image is None:
         args.size = "64x64" if args.preset == "tiny" else "1024x1024"
-    size = _parse_size(args.size)
+    size = None if args.size is None else _parse_size(args.size)
+    image = _load_image(args.image, args.strength)
+    if args.image is not None and args.strength is None:
+        args.strength = 0.3
+    if args.batch < 1:
+        raise UsageError(f"--batch must be positive, got {args.batch}")
     if args.refiner_switch is not None and args.sdedit_strength is not None:
         raise UsageError("give --refiner-switch or --sdedit-strength, not both")
     if args.steps < 1:
@@ -218,24 +230,60 @@ def generate(args) -> int:
     switch = args.refiner_switch
     if refiner is not None and switch is None and args.sdedit_strength is None:
         switch = 0.8
-    if switch is not None:
-        total = args.steps
-    elif args.sdedit_strength is not None:
-        total = args.steps + max(1, int(round(args.sdedit_strength * args.steps)))
-    else:
-        total = args.steps
-    progress = _Progress(total, args.quiet)
-    images = pipe(args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-                  cfg=args.cfg, seed=args.seed, size=size, refiner_switch=switch,
-                  sdedit_strength=args.sdedit_strength, output="tensor", callback=progress)
+    progress = _Progress(_total_steps(args.steps, args.strength, args.sdedit_strength), args.quiet)
+    try:
+        images = pipe([args.prompt] * args.batch, args.negative, steps=args.steps, sampler=args.sampler,
+                      schedule=args.schedule, cfg=args.cfg, seed=args.seed, size=size, refiner_switch=switch,
+                      sdedit_strength=args.sdedit_strength, image=image, strength=args.strength, output="tensor",
+                      callback=progress)
+    except ValueError as e:  # the pipeline's input checks (e.g. a size the UNet cannot take)
+        raise UsageError(str(e)) from None
     progress.close()
-    params = (f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: {args.sampler}, "
-              f"Schedule: {args.schedule}, CFG scale: {args.cfg}, Seed: {args.seed}, Size: {args.size}, "
-              f"Refiner switch: {switch}, SDEdit strength: {args.sdedit_strength}")
-    write_png(args.out, to_uint8(images)[0], params)
-    if not args.quiet:
-        print(f"wrote {args.out}", file=sys.stderr)
+    pixels = to_uint8(images)
+    height, width = images.shape[2:]
+    for i, out in enumerate(_out_paths(args.out, args.batch)):
+        params = (f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: {args.sampler}, "
+                  f"Schedule: {args.schedule}, CFG scale: {args.cfg}, Seed: {args.seed + i}, "
+                  f"Size: {width}x{height}, Refiner switch: {switch}, SDEdit strength: {args.sdedit_strength}, "
+                  f"Image: {args.image}, Strength: {args.strength}")
+        if args.batch > 1:
+            params += f", Batch: {i + 1}/{args.batch} (seeds {args.seed}..{args.seed + args.batch - 1})"
+        write_png(out, pixels[i], params)
+        if not args.quiet:
+            print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _load_image(path: Path | None, strength: float | None):
+    """--image as an RGB PIL image; --strength checked (it needs --image)."""
+    if path is None:
+        if strength is not None:
+            raise UsageError("--strength is the img2img strength: give --image too")
+        return None
+    if strength is not None and not 0 < strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {strength}")
+    if not path.is_file():
+        raise UsageError(f"--image {path}: no such file")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise UsageError(f"--image {path}: cannot read the image: {e}") from None
+
+
+def _total_steps(steps: int, strength: float | None, sdedit_strength: float | None) -> int:
+    """Sampler steps of a run, for the progress line (a hand-off splits them, it adds none)."""
+    total = steps if strength is None else max(1, int(round(strength * steps)))
+    if sdedit_strength is not None:
+        total += max(1, int(round(sdedit_strength * steps)))
+    return total
+
+
+def _out_paths(out: Path, n: int) -> list[Path]:
+    """out itself for one image; OUT-0.png … OUT-(n-1).png for a batch."""
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
 def main(argv=None) -> int:

@@ -392,6 +392,25 @@ def test_cli_tiny_preset_writes_png(tmp_path):
     assert struct.unpack(">II", data[16:24]) == (64, 64)
 
 
+def test_cli_img2img_batch_writes_one_png_per_seed_with_parameters(tmp_path):
+    from PIL import Image
+
+    from sdxl_model.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray((_image(0, (40, 48))[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(src)
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat", "--preset", "tiny", "--steps", "4", "--image", str(src), "--strength", "0.5",
+                 "--seed", "5", "--batch", "2", "--out", str(out), "--quiet"]) == 0
+    assert not out.exists()
+    for i in range(2):
+        im = Image.open(tmp_path / f"x-{i}.png")
+        assert im.size == (48, 40)  # the image's size: no --size given
+        text = im.text["parameters"]
+        assert f"Seed: {5 + i}," in text and f"Image: {src}," in text and "Strength: 0.5" in text
+        assert f"Batch: {i + 1}/2 (seeds 5..6)" in text
+
+
 def test_png_fallback_writer_roundtrip():
     from PIL import Image
     import io
@@ -410,6 +429,11 @@ def test_png_fallback_writer_roundtrip():
     (["--preset", "tiny", "--refiner-switch", "0.8", "--sdedit-strength", "0.3"], "not both"),
     (["--base", "{tmp}/base.safetensors", "--refiner", "{tmp}/base.safetensors"], "base checkpoint, not a refiner"),
     (["--base", "{tmp}/refiner.safetensors"], "refiner checkpoint"),
+    (["--preset", "tiny", "--strength", "0.5"], "give --image too"),
+    (["--preset", "tiny", "--image", "{tmp}/in.png", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--preset", "tiny", "--image", "{tmp}/missing.png"], "no such file"),
+    (["--preset", "tiny", "--image", "{tmp}/in.png"], "multiples of 8"),  # 36×32: the tiny UNet needs 8
+    (["--preset", "tiny", "--batch", "0"], "--batch must be positive"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     from safetensors.torch import save_file
@@ -420,6 +444,9 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     # only the ADM projection: enough for the kind detection, which runs before any weights are loaded
     save_file({UNET_PREFIX + "label_emb.0.0.weight": torch.zeros(4, 2816)}, str(tmp_path / "base.safetensors"))
     save_file({UNET_PREFIX + "label_emb.0.0.weight": torch.zeros(4, 2560)}, str(tmp_path / "refiner.safetensors"))
+    from PIL import Image
+
+    Image.new("RGB", (32, 36), (200, 100, 50)).save(tmp_path / "in.png")
     argv = ["generate", "a cat", *[a.format(tmp=tmp_path) for a in extra], "--out", str(tmp_path / "o.png")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
