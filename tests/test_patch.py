@@ -373,6 +373,15 @@ def test_compile_fullgraph_patched():
         torch.testing.assert_close(compiled(x2, t, ctx2), model(x2, t, ctx2), atol=ATOL, rtol=0)
 
 
+def test_compile_fullgraph_patched_diffusers_unet(unet, unet_io):
+    """The whole patched tiny diffusers UNet as one graph (aot_eager: dynamo + AOT autograd with our ops' fake
+    kernels, without inductor's minutes of C++ codegen on a small CPU)."""
+    io = unet_io[1]
+    sdxl_kernels.patch(unet)
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(_unet_call(compiled, io), io["output"], atol=ATOL, rtol=0)
+
+
 def test_compile_fullgraph_patched_diffusers_resnet_and_attention():
     diffusers = _diffusers()
     from diffusers.models.attention_processor import Attention
@@ -452,3 +461,14 @@ def test_use_kernels_triton_attention():
     eager = F.scaled_dot_product_attention(q, k, v)  # PyTorch's own bf16 error
     err, eager_err = (out.double() - expected).abs().max(), (eager.double() - expected).abs().max()
     assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+
+
+def test_use_kernels_under_compile():
+    gn = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 4, 4)
+    ref = F.silu(gn(x))
+    backends._last.pop("group_norm_silu", None)
+    with torch.no_grad(), sdxl_kernels.use_kernels():
+        out = torch.compile(lambda t: F.silu(gn(t)), fullgraph=True, backend="aot_eager")(x)
+    assert backends.last_backend("group_norm_silu") is not None
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
