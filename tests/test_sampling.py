@@ -222,6 +222,37 @@ def test_stochastic_samplers_are_reproducible_per_generator():
         assert torch.equal(a, b) and not torch.equal(a, c), name
 
 
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_randn_with_one_generator_per_row():
+    rows = S.randn((3, 4, 5), _gens(7, 8, 9), dtype=torch.float64)
+    for i, seed in enumerate((7, 8, 9)):
+        want = torch.randn((1, 4, 5), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert torch.equal(rows[i:i + 1], want)
+    one = S.randn((3, 4, 5), torch.Generator().manual_seed(7))  # a single generator: unchanged behaviour
+    assert torch.equal(one, torch.randn((3, 4, 5), generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        S.randn((3, 4), _gens(1, 2))
+
+
+@pytest.mark.parametrize("name, kwargs", [(n, {}) for n in STOCHASTIC] + [("ddim", {"eta": 1.0}),
+                                                                           ("euler", {"s_churn": 1.0})])
+def test_stochastic_sampler_rows_follow_their_own_generator(name, kwargs):
+    """With a list of generators, row i of a batch is what the sampler gives row i alone with generator i."""
+    sigmas = S.karras_sigmas(6, 0.1, 10.0).double()
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    batch = S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=_gens(3, 4, 5), **kwargs)
+    for i, seed in enumerate((3, 4, 5)):
+        alone = S.SAMPLERS[name](gaussian_denoiser, x[i:i + 1], sigmas, generator=_gens(seed), **kwargs)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-12, atol=1e-12)
+    shared = S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert not torch.allclose(shared[1:], batch[1:])  # one shared generator draws differently: not vacuous
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=_gens(1, 2), **kwargs)
+
+
 def test_ddim_eta0_equals_euler_and_eta1_equals_euler_ancestral():
     """DDIM is Euler in σ form (Karras et al. 2022, sec. 3); DDIM with η=1 takes the ancestral split."""
     sigmas = S.karras_sigmas(8, 0.1, 10.0).double()
