@@ -317,7 +317,8 @@ def test_sgm_style_model(count_calls):
         assert set(report.paths("group_norm_silu")) == {"in_layers.0", "out_layers.0"}
         assert report.paths("group_norm") == ["norm"]
         assert set(report.paths("attention")) == {"attn1", "attn2"} and report.paths("embedding") == ["time"]
-        assert isinstance(model.in_layers[1], nn.Identity) and isinstance(model.in_layers[0], sdxl_kernels.GroupNormSiLU)
+        assert isinstance(model.in_layers[0], sdxl_kernels.GroupNormSiLU)
+        assert isinstance(model.in_layers[1], nn.Identity)
         calls_before = dict(count_calls)
         torch.testing.assert_close(model(x, t, ctx), ref, atol=ATOL, rtol=0)
         assert count_calls["sdpa"] - calls_before["sdpa"] == 2 and count_calls["fourier_embedding"] == 1
