@@ -5,18 +5,20 @@
 
 What `patch` recognises (by structure and class name; diffusers is never imported):
   group_norm_silu  nn.GroupNorm directly followed by nn.SiLU in an nn.Sequential (sgm/ldm ResBlock in_layers /
-                   out_layers); diffusers ResnetBlock2D's norm1/norm2 + nonlinearity; diffusers Encoder /
-                   Decoder / UNet2D(Condition)Model conv_norm_out + conv_act
+                   out_layers, UNetModel.out); diffusers ResnetBlock2D's norm1/norm2 + nonlinearity; diffusers
+                   Encoder / Decoder / UNet2D(Condition)Model conv_norm_out + conv_act; sgm/ldm VAE ResnetBlock
+                   norm1/norm2 + the function nonlinearity()
   group_norm       every other exact nn.GroupNorm (our op with activation=None)
   attention        diffusers `Attention` on the default AttnProcessor2_0 → `SDPAAttnProcessor` (set_processor);
-                   sgm/ldm CrossAttention / MemoryEfficientCrossAttention (to_q/to_k/to_v/to_out, heads)
+                   sgm/ldm CrossAttention / MemoryEfficientCrossAttention (to_q/to_k/to_v/to_out, heads); sgm/ldm
+                   VAE AttnBlock / MemoryEfficientAttnBlock (norm, 1×1 conv q/k/v/proj_out)
   embedding        diffusers `Timesteps` and sgm `Timestep` → `fourier_embedding`
   native           this project's own modules (a `kernels` switch): switched on
 
 How: parameters never move and module paths never change, so the state dict is untouched. A GroupNorm becomes
 our `GroupNormSiLU` by a class swap (same object, same Parameters, hooks kept); the SiLU after it in a
 Sequential becomes nn.Identity; blocks whose forward must change (ResnetBlock2D, where `nonlinearity` also
-acts on the time embedding, and sgm attention) get a subclass of their own class with one forward overridden,
+acts on the time embedding, sgm's ResnetBlock, and attention) get a subclass of their own class with one forward overridden,
 again by a class swap. Every change is recorded on the model and `unpatch` undoes them in reverse. A patched
 model cannot be pickled whole (the subclasses are made at run time): unpatch before `torch.save(model)`, or
 save its state dict, which is the original's.
@@ -106,6 +108,7 @@ def _undo(entry: tuple) -> None:
             m.__dict__.pop(name, None)
     elif what == "child":
         _, parent, name, old = entry
+        old.train(parent._modules[name].training)  # it sat outside the tree: catch up on train()/eval()
         parent._modules[name] = old
     elif what == "processor":
         _, attn, old = entry
@@ -148,6 +151,13 @@ def _original_forward(self):
 def _from_diffusers(m: nn.Module, *names: str) -> bool:
     cls = type(m)
     return cls.__name__ in names and cls.__module__.split(".")[0] == "diffusers"
+
+
+def _from_sgm(m: nn.Module, *names: str) -> bool:
+    """sgm's / ldm's classes (and their copies, e.g. in ComfyUI): the class name, anywhere but diffusers; the
+    callers then check the attributes that forward uses."""
+    cls = type(m)
+    return cls.__name__ in names and cls.__module__.split(".")[0] != "diffusers"
 
 
 def _instance_forward(m: nn.Module) -> bool:
@@ -208,6 +218,11 @@ class _Patcher:
                 self.sequential(path, m)
             elif _from_diffusers(m, "ResnetBlock2D"):
                 self.resnet_block_2d(path, m)
+            elif _from_sgm(m, "ResnetBlock"):
+                self.sgm_resnet_block(path, m)
+            elif _from_sgm(m, "Encoder", "Decoder", "Model") and isinstance(getattr(m, "norm_out", None), nn.GroupNorm):
+                self.left("group_norm_silu", _join(path, "norm_out"), "followed by the function nonlinearity() "
+                          "inside forward; runs as plain group norm")
             if _from_diffusers(m, "Encoder", "Decoder", "UNet2DConditionModel", "UNet2DModel"):
                 self.norm_out(path, m)
         if self.flags["attention"]:
@@ -215,6 +230,8 @@ class _Patcher:
                 self.diffusers_attention(path, m)
             elif type(m).__name__ in ("CrossAttention", "MemoryEfficientCrossAttention"):
                 self.sgm_attention(path, m)
+            elif _from_sgm(m, "AttnBlock", "MemoryEfficientAttnBlock"):
+                self.sgm_attn_block(path, m)
         if self.flags["embedding"]:
             if _from_diffusers(m, "Timesteps"):
                 self.diffusers_timesteps(path, m)
@@ -271,6 +288,26 @@ class _Patcher:
             self.left("group_norm_silu", _join(path, "norm2"), "scale_shift modulation sits between norm2 and "
                       "the SiLU (norm2 runs as plain group norm)")
 
+    def sgm_resnet_block(self, path: str, m: nn.Module) -> None:
+        """sgm/ldm VAE ResnetBlock: norm1/norm2 each followed by the function nonlinearity() (x·sigmoid(x))."""
+        required = ("norm1", "conv1", "norm2", "dropout", "conv2", "in_channels", "out_channels", "use_conv_shortcut")
+        missing = [a for a in required if not hasattr(m, a)]
+        why = (f"unknown ResnetBlock layout (no {missing})" if missing else
+               "instance-level forward (a hook wrapper)" if _instance_forward(m) else
+               next((f"{n} is {type(getattr(m, n)).__name__}, not an exact nn.GroupNorm" for n in ("norm1", "norm2")
+                     if type(getattr(m, n)) is not nn.GroupNorm), None))
+        if why is not None:
+            for norm in ("norm1", "norm2"):
+                self.left("group_norm_silu", _join(path, norm), why)
+            return
+        _swap_class(m, _overridden(type(m), _sgm_resnet_block_forward), self.undo)
+        for norm in ("norm1", "norm2"):
+            gn = getattr(m, norm)
+            self.claimed.add(id(gn))
+            _fuse_norm(gn, self.undo, "silu")
+            self.replaced("group_norm_silu", _join(path, norm), "sgm ResnetBlock GroupNorm + nonlinearity() fused "
+                          "(forward overridden)")
+
     def norm_out(self, path: str, m: nn.Module) -> None:
         gn, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
         if gn is None or act is None:
@@ -313,6 +350,17 @@ class _Patcher:
             _swap_class(m, _overridden(type(m), _cross_attention_forward), self.undo)
             self.replaced("attention", path, f"{type(m).__name__}: forward on sdxl_kernels SDPA (masks and "
                           "extra arguments go to the original forward)")
+
+    def sgm_attn_block(self, path: str, m: nn.Module) -> None:
+        """sgm/ldm VAE AttnBlock: single-head attention over the pixels, q/k/v/proj_out 1×1 convs."""
+        convs = [getattr(m, a, None) for a in ("q", "k", "v", "proj_out")]
+        if not all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in convs) or not hasattr(m, "norm"):
+            self.left("attention", path, f"{type(m).__name__} without norm and 1×1 conv q/k/v/proj_out")
+        elif _instance_forward(m):
+            self.left("attention", path, "instance-level forward (a hook wrapper)")
+        else:
+            _swap_class(m, _overridden(type(m), _sgm_attn_block_forward), self.undo)
+            self.replaced("attention", path, f"{type(m).__name__}: forward on sdxl_kernels SDPA")
 
     # -- embeddings -------------------------------------------------------------------------------------
 
@@ -402,6 +450,28 @@ def _resnet_block_2d_forward(self, input_tensor: torch.Tensor, temb: torch.Tenso
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
     return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _sgm_resnet_block_forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    """sgm's VAE ResnetBlock.forward with norm1/norm2 fused with the nonlinearity() after them."""
+    h = self.conv1(self.norm1(x))  # norm1: GroupNorm + SiLU
+    if temb is not None:
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+    h = self.conv2(self.dropout(self.norm2(h)))  # norm2: GroupNorm + SiLU
+    if self.in_channels != self.out_channels:
+        x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+    return x + h
+
+
+def _sgm_attn_block_forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """sgm's VAE AttnBlock: x (B, C, H, W) → x + proj_out(attention over the H·W pixels, one head of C)."""
+    h_ = self.norm(x)
+    q, k, v = self.q(h_), self.k(h_), self.v(h_)
+    b, c, hh, ww = q.shape
+    q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (q, k, v))  # (B, 1, HW, C), strided views
+    out = scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+    out = out.transpose(-1, -2).reshape(b, c, hh, ww)
+    return x + self.proj_out(out)
 
 
 def _plain(value) -> bool:

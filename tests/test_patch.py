@@ -332,6 +332,82 @@ def test_sgm_style_model(count_calls):
         assert torch.equal(model(x, t, ctx), ref)
 
 
+class ResnetBlock(nn.Module):
+    """sgm's VAE ResnetBlock (sgm/modules/diffusionmodules/model.py), written out."""
+
+    def __init__(self, cin, cout, temb_channels=0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.use_conv_shortcut = cin, cout, False
+        self.norm1 = nn.GroupNorm(8, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        if temb_channels:
+            self.temb_proj = nn.Linear(temb_channels, cout)
+        self.norm2 = nn.GroupNorm(8, cout, eps=1e-6)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb):
+        h = self.norm1(x)
+        h = h * torch.sigmoid(h)
+        h = self.conv1(h)
+        if temb is not None:
+            h = h + self.temb_proj(temb * torch.sigmoid(temb))[:, :, None, None]
+        h = self.norm2(h)
+        h = self.conv2(self.dropout(h * torch.sigmoid(h)))
+        return (self.nin_shortcut(x) if self.in_channels != self.out_channels else x) + h
+
+
+class AttnBlock(nn.Module):
+    """sgm's VAE AttnBlock, written out with einsum instead of SDPA."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        b, c, hh, ww = x.shape
+        q, k, v = (f(h).flatten(2) for f in (self.q, self.k, self.v))  # (B, C, HW)
+        w = torch.einsum("bci,bcj->bij", q, k).mul(c**-0.5).softmax(dim=-1)
+        return x + self.proj_out(torch.einsum("bij,bcj->bci", w, v).reshape(b, c, hh, ww))
+
+
+class Decoder(nn.Module):
+    """sgm's Decoder in miniature: resnets, mid attention, norm_out + nonlinearity() as a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(16, 32, 12), AttnBlock(32), ResnetBlock(32, 32)
+        self.norm_out = nn.GroupNorm(8, 32, eps=1e-6)
+
+    def forward(self, x, temb):
+        h = self.block_2(self.attn_1(self.block_1(x, temb)), None)
+        h = self.norm_out(h)
+        return h * torch.sigmoid(h)
+
+
+def test_sgm_style_vae_blocks():
+    from .test_unet import randomize_
+
+    model = randomize_(Decoder()).eval()
+    x, temb = torch.randn(2, 16, 6, 10), torch.randn(2, 12)
+    before = _snapshot(model)
+    with torch.no_grad():
+        ref = model(x, temb)
+        report = sdxl_kernels.patch(model)
+        pairs = {f"block_{i}.norm{j}" for i in (1, 2) for j in (1, 2)}
+        assert set(report.paths("group_norm_silu")) == pairs and report.paths("attention") == ["attn_1"]
+        assert set(report.paths("group_norm")) == {"attn_1.norm", "norm_out"}
+        assert [(r.kind, r.path) for r in report.left] == [("group_norm_silu", "norm_out")]
+        torch.testing.assert_close(model(x, temb), ref, atol=ATOL, rtol=0)
+        sdxl_kernels.unpatch(model)
+        _assert_same(before, _snapshot(model))
+        assert torch.equal(model(x, temb), ref)
+
+
 def test_patch_flags_and_type_errors():
     model = _sgm_model()
     report = sdxl_kernels.patch(model, attention=False, embeddings=False)
