@@ -70,7 +70,8 @@ class GraphedUNet:
 
     Inference only: with autograd on it calls the UNet eagerly. The returned tensor is a copy of the graph's
     output buffer, so it stays valid across replays. Keeps one graph (the last signature); a new signature
-    frees it and captures again."""
+    frees it and captures again. Weights are read in place at replay (changing their values is seen), but the
+    code path is frozen at capture: after `use_kernels(...)` or swapping modules, make a new GraphedUNet."""
 
     def __init__(self, unet: Callable[..., torch.Tensor], warmup: int = 2):
         self.unet = unet

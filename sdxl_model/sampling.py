@@ -287,7 +287,9 @@ class _Progress:
 def _setup(model, x, sigmas, extra_args, disable):
     sigmas = _validate(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones(x.shape[0])
+    # sigma goes to the model in at least float32: a bf16 sigma (3 significant digits) can snap to the wrong
+    # training timestep
+    s_in = x.new_ones(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
 
     def den(x_, sigma):
         return model(x_, sigma * s_in, **extra_args)

@@ -253,6 +253,21 @@ def test_stochastic_sampler_rows_follow_their_own_generator(name, kwargs):
         S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=_gens(1, 2), **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_model_sees_sigma_in_float32_for_low_precision_latents(dtype):
+    """A bf16 sigma keeps 3 significant digits, enough to snap to the wrong training timestep."""
+    sigmas = S.legacy_ddpm_sigmas(7)
+    seen = []
+
+    def model(x, sigma):
+        seen.append(sigma)
+        return x * 0.5
+
+    S.sample_euler(model, torch.ones(2, 4, 4, 4, dtype=dtype), sigmas)
+    assert all(s.dtype == torch.float32 and s.shape == (2,) for s in seen)
+    torch.testing.assert_close(torch.stack([s[0] for s in seen]), sigmas[:-1], rtol=0, atol=0)
+
+
 def test_ddim_eta0_equals_euler_and_eta1_equals_euler_ancestral():
     """DDIM is Euler in σ form (Karras et al. 2022, sec. 3); DDIM with η=1 takes the ancestral split."""
     sigmas = S.karras_sigmas(8, 0.1, 10.0).double()
