@@ -1,0 +1,94 @@
+"""Process-group setup under `torchrun` (nccl on CUDA, gloo on the CPU) and model wrapping: DDP, or FSDP2
+(`torch.distributed.fsdp.fully_shard` on each UNet block, then the root). One process: no wrapping."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); a lone process gets rank 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def wrap(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
+    """The module to train: `model` itself (one process), DDP(model), or `model` sharded in place (FSDP2)."""
+    if not info.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(getattr(model, "input_blocks", [])) + [getattr(model, "middle_block", None)] + list(
+            getattr(model, "output_blocks", [])
+        ):
+            if block is not None:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"distributed mode must be 'ddp' or 'fsdp', got {mode!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict on the CPU; a collective under FSDP, so every rank must call it."""
+    out = {}
+    for k, v in unwrap(model).state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu()
+    return out
+
+
+def all_mean(value: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.item() / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
