@@ -68,7 +68,8 @@ def _check_modes(has_refiner: bool, refiner_switch, sdedit_strength) -> None:
 
 def generators(seed: int | Sequence[int], n: int, device) -> list[torch.Generator]:
     """One generator per image: seeds seed, seed+1, … for an int, or the given list (one per image)."""
-    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+    one = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    seeds = [int(seed) + i for i in range(n)] if one else list(seed)
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts: give an int or one seed per prompt")
     for s in seeds:

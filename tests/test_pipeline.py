@@ -121,7 +121,7 @@ def test_img2img_equals_explicit_encode_noise_denoise(pipe, stages):
     img = _image(1)
     got = pipe("a cat", "blurry", seed=7, image=img, strength=0.5, **KW)
 
-    # spelled out: posterior mean × scale factor, noised to sigmas[s] (s = 4 − round(0.5·4) = 2), Euler on sigmas[2:]
+    # spelled out: posterior mean × scale factor, noised to sigmas[s], s = 4 − round(0.5·4) = 2; Euler on sigmas[2:]
     den = sampling.EpsDenoiser(base.unet)
     sigmas = sampling.karras_sigmas(4, den.sigma_min, den.sigma_max)
     mean, _ = base.vae.encode(img * 2 - 1)
