@@ -18,10 +18,11 @@ What `patch` recognises (by structure and class name; diffusers is never importe
 How: parameters never move and module paths never change, so the state dict is untouched. A GroupNorm becomes
 our `GroupNormSiLU` by a class swap (same object, same Parameters, hooks kept); the SiLU after it in a
 Sequential becomes nn.Identity; blocks whose forward must change (ResnetBlock2D, where `nonlinearity` also
-acts on the time embedding, sgm's ResnetBlock, and attention) get a subclass of their own class with one forward overridden,
-again by a class swap. Every change is recorded on the model and `unpatch` undoes them in reverse. A patched
-model cannot be pickled whole (the subclasses are made at run time): unpatch before `torch.save(model)`, or
-save its state dict, which is the original's.
+acts on the time embedding, sgm's ResnetBlock, and attention) get a subclass of their own class with one
+forward overridden, again by a class swap. Linear layers are never touched, so LoRA adapters (PEFT wraps
+to_q/to_k/to_v/to_out, time_emb_proj, ...) load and run before or after patching. Every change is recorded
+on the model and `unpatch` undoes them in reverse. A patched model cannot be pickled whole (the subclasses
+are made at run time): unpatch before `torch.save(model)`, or save its state dict, which is the original's.
 
 `use_kernels()` is the fallback for code that cannot be patched structurally: for its duration
 `torch.nn.functional.scaled_dot_product_attention` and `torch.nn.functional.group_norm` route to ours.
@@ -384,11 +385,9 @@ class _Patcher:
     # -- our own modules --------------------------------------------------------------------------------
 
     def native(self, path: str, m: nn.Module) -> None:
-        kind = ("group_norm_silu" if isinstance(m, GroupNormSiLU) else
-                "attention" if hasattr(m, "to_q") or hasattr(m, "q") else "embedding")
-        flag = self.flags["attention" if kind == "attention" else "group_norm_silu" if kind != "embedding"
-                          else "embedding"]
-        if not flag:
+        flag = ("group_norm_silu" if isinstance(m, GroupNormSiLU) else
+                "attention" if hasattr(m, "to_q") or hasattr(m, "q") else "embedding")  # what the switch routes
+        if not self.flags[flag]:
             return
         if m.kernels:
             self.left("native", path, f"{type(m).__name__} already runs on sdxl_kernels")

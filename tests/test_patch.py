@@ -459,25 +459,41 @@ def test_compile_fullgraph_patched_diffusers_unet(unet, unet_io):
     torch.testing.assert_close(_unet_call(compiled, io), io["output"], atol=ATOL, rtol=0)
 
 
-def test_compile_fullgraph_patched_diffusers_resnet_and_attention():
-    diffusers = _diffusers()
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
+class DiffusersBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
 
+        self.resnet = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=12, groups=4)
+        self.attn = Attention(32, heads=2, dim_head=16, norm_num_groups=4, residual_connection=True,
+                              _from_deprecated_attn_block=True)
+
+    def forward(self, x, temb):
+        return self.attn(self.resnet(x, temb))
+
+
+class LoRA(nn.Module):
+    """What PEFT does to a Linear: base(x) + B(A(x)), on the same input."""
+
+    def __init__(self, base: nn.Linear, rank=2):
+        super().__init__()
+        self.base_layer, self.lora_A = base, nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def _diffusers_block():
+    _diffusers()
     from .test_unet import randomize_
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.resnet = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=12, groups=4)
-            self.attn = Attention(32, heads=2, dim_head=16, norm_num_groups=4, residual_connection=True,
-                                  _from_deprecated_attn_block=True)
+    return randomize_(DiffusersBlock()).eval(), torch.randn(2, 16, 6, 8), torch.randn(2, 12)
 
-        def forward(self, x, temb):
-            return self.attn(self.resnet(x, temb))
 
-    model = randomize_(Block()).eval()
-    x, temb = torch.randn(2, 16, 6, 8), torch.randn(2, 12)
+def test_compile_fullgraph_patched_diffusers_resnet_and_attention():
+    model, x, temb = _diffusers_block()
     with torch.no_grad():
         ref = model(x, temb)
         report = sdxl_kernels.patch(model)
@@ -485,7 +501,30 @@ def test_compile_fullgraph_patched_diffusers_resnet_and_attention():
         assert report.paths("attention") == ["attn"] and report.paths("group_norm") == ["attn.group_norm"]
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, temb), ref, atol=ATOL, rtol=0)
-    assert diffusers is not None
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-patch", "patch-then-lora"])
+def test_lora_adapters_survive_patch(lora_first):
+    """LoRA wrappers on time_emb_proj and to_q see the same inputs patched or not (ResnetBlock2D applies its
+    nonlinearity to temb before time_emb_proj; the fused norms must not change that)."""
+    from .test_unet import randomize_
+
+    model, x, temb = _diffusers_block()
+    plain = copy.deepcopy(model)
+
+    def add_lora(m):
+        m.resnet.time_emb_proj = randomize_(LoRA(m.resnet.time_emb_proj), seed=1)
+        m.attn.to_q = randomize_(LoRA(m.attn.to_q), seed=2)
+
+    add_lora(plain)
+    if lora_first:
+        add_lora(model)
+        sdxl_kernels.patch(model)
+    else:
+        sdxl_kernels.patch(model)
+        add_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, temb), plain(x, temb), atol=ATOL, rtol=0)
 
 
 # ---- use_kernels ----------------------------------------------------------------------------------------
