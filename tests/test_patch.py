@@ -170,6 +170,7 @@ def test_diffusers_vae(count_calls):
     assert set(report.paths("group_norm_silu")) == pairs and len(pairs) == 22
     assert set(report.paths("group_norm")) == norms and set(report.paths("attention")) == attn
     assert report.left == []
+    assert all(isinstance(m.processor, SDPAAttnProcessor) for m in vae.modules() if type(m).__name__ == "Attention")
     with torch.no_grad():
         mean = vae.encode(io["image"]).latent_dist.mean
         decoded = vae.decode(io["latent"]).sample
@@ -184,7 +185,7 @@ def test_diffusers_vae(count_calls):
 
 
 def test_diffusers_attention_with_mask_and_custom_processor():
-    diffusers = _diffusers()
+    _diffusers()
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     torch.manual_seed(0)
@@ -201,7 +202,6 @@ def test_diffusers_attention_with_mask_and_custom_processor():
     attn.set_processor(AttnProcessor())
     report = sdxl_kernels.patch(attn)
     assert report.replaced == [] and "custom processor AttnProcessor" in report.left[0].reason
-    assert diffusers is not None
 
 
 # ---- this project's UNet ------------------------------------------------------------------------------
