@@ -588,3 +588,24 @@ def test_use_kernels_under_compile():
         out = torch.compile(lambda t: F.silu(gn(t)), fullgraph=True, backend="aot_eager")(x)
     assert backends.last_backend("group_norm_silu") is not None
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sdxl_unet_config.json", "sdxl_refiner_unet_config.json", "sdxl_vae_config.json"])
+def test_full_size_sdxl_configs_on_meta(name):
+    """The full SDXL base/refiner UNets and the VAE (built on the meta device, no memory): every pair, norm,
+    attention and embedding recognised, nothing left."""
+    diffusers = _diffusers()
+    import json
+
+    config = json.loads(fixture_path("diffusers", name).read_text())
+    cls = diffusers.AutoencoderKL if "vae" in name else diffusers.UNet2DConditionModel
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    before = _snapshot(model)
+    pairs, norms, attn, steps = _expected_diffusers(model)
+    report = sdxl_kernels.patch(model)
+    assert report.left == []
+    assert set(report.paths("group_norm_silu")) == pairs and set(report.paths("group_norm")) == norms
+    assert set(report.paths("attention")) == attn and set(report.paths("embedding")) == steps
+    sdxl_kernels.unpatch(model)
+    assert {p: type(m) for p, m in model.named_modules()} == before["classes"]
