@@ -70,7 +70,7 @@ def _models():
 
     torch.manual_seed(0)
     if DEVICE.type != "cuda":
-        from sdxl_model.cli import tiny_components
+        from sdxl_model.presets import tiny_components
 
         base, refiner = tiny_components(seed=0)
         return base, refiner, (64, 64)

@@ -1,4 +1,5 @@
-"""`sdxl generate`: text → PNG with an SDXL base and an optional refiner, offline.
+"""`sdxl generate`: text → PNG with an SDXL base and an optional refiner, offline. (`sdxl train`: see
+sdxl_model/train/cli.py.)
 
     sdxl generate "a cat" --base sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors
     sdxl generate "a cat" --preset tiny --steps 4 --size 64x64   # random tiny weights: a smoke test, writes noise
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import sampling
+from .presets import tiny_components
 
 
 class UsageError(Exception):
@@ -39,6 +41,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl", description="SDXL text-to-image (offline).")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .train import cli as train_cli
+
+    train_cli.add_parser(sub)
     g = sub.add_parser("generate", help="generate an image from a prompt")
     g.add_argument("prompt")
     src = g.add_mutually_exclusive_group(required=True)
@@ -70,36 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- models ------------------------------------------------------------------------------------------------
-
-def tiny_components(seed: int = 0):
-    """Random tiny base and refiner `Stage`s (tiny UNets with the real ADM widths, tiny VAE, tiny CLIPs with the
-    real tokenizer and the real pooled width 1280)."""
-    from . import text as T
-    from .config import UNetConfig, VAEConfig
-    from .conditioning import BASE_ADM_DIM, REFINER_ADM_DIM
-    from .pipeline import Stage
-    from .unet import UNet
-    from .vae import AutoencoderKL
-
-    torch.manual_seed(seed)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    clip_l = T.build_clip_l(T.clip_l_config(**small)).eval()
-    bigg = T.build_clip_bigg(T.clip_bigg_config(**small, projection_dim=T.POOLED_DIM)).eval()
-    tok_l, tok_g = T.CLIPTokenizer.hf(), T.CLIPTokenizer.open_clip()
-    base_text = T.SDXLTextEncoder(clip_l, bigg, tokenizer_l=tok_l, tokenizer_g=tok_g).eval()
-    refiner_text = T.SDXLTextEncoder(None, bigg, tokenizer_g=tok_g).eval()
-    tiny = UNetConfig.tiny()
-    base_unet = UNet(UNetConfig(**{**_fields(tiny), "context_dim": 64, "adm_in_channels": BASE_ADM_DIM})).eval()
-    ref_unet = UNet(UNetConfig(**{**_fields(tiny), "context_dim": 32, "adm_in_channels": REFINER_ADM_DIM})).eval()
-    vae = AutoencoderKL(VAEConfig.tiny()).eval()
-    return Stage(base_unet, vae, base_text), Stage(ref_unet, vae, refiner_text)
-
-
-def _fields(cfg) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
-
 
 def _check_checkpoint(path: Path, role: str) -> None:
     """Exists, and is not the other kind (checked from names and shapes, before loading gigabytes)."""
@@ -291,6 +266,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "train":
+            from .train import cli as train_cli
+
+            return train_cli.run(args)
     except UsageError as e:
         print(f"sdxl: error: {e}", file=sys.stderr)
         return 2

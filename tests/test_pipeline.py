@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(T.default_vocab_path() is None, reason="CLIP BPE
 
 @pytest.fixture(scope="module")
 def stages():
-    from sdxl_model.cli import tiny_components
+    from sdxl_model.presets import tiny_components
 
     return tiny_components(seed=0)
 
@@ -357,7 +357,7 @@ def test_pipeline_with_graphs_forced_on_equals_eager(stages, monkeypatch, fake_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_graphed_unet_matches_eager(dtype):
     from sdxl_model import SDXLPipeline
-    from sdxl_model.cli import tiny_components
+    from sdxl_model.presets import tiny_components
     from sdxl_model.graphs import GraphedUNet
 
     base, refiner = tiny_components(seed=0)

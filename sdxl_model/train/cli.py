@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -14,7 +15,7 @@ HELP = {
             "(e.g. 'shards/{000..009}.tar')",
     "out": "output folder: checkpoints/, log.jsonl, samples/, unet.safetensors, unet_ema.safetensors",
     "model": "checkpoint to fine-tune: an official single file or a diffusers folder",
-    "tiny": "random tiny SDXL-structured models instead of --model (the CPU demo)",
+    "tiny_models": "random tiny SDXL-structured models instead of --model (the CPU demo)",
     "resolution": "bucket area is resolution² pixels",
     "bucket_step": "bucket sides are multiples of this",
     "min_side": "smallest bucket side (0: resolution/2)",
@@ -55,6 +56,9 @@ HELP = {
 }
 
 
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp")}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -74,6 +78,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
         kw = dict(default=None, help=HELP[f.name] + f" (default: {f.default!r})")
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
         if kind is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(kind) is tuple:
@@ -103,9 +109,23 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigMismatch) as e:
         print(f"sdxl train: error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 143 if result.interrupted else 0
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint in {result.out / 'checkpoints'}; continue with --resume",
               file=sys.stderr)
         return 143
     print(f"trained to step {result.step}: {result.out / 'unet.safetensors'}, {result.out / 'unet_ema.safetensors'}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m sdxl_model.train.cli ARGS` = `sdxl train ARGS`."""
+    parser = argparse.ArgumentParser(prog="sdxl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

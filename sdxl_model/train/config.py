@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,7 +17,7 @@ class TrainConfig:
     data: str = ""  # image folder (name.png + name.txt), or webdataset shards ("shards/{000..009}.tar")
     out: str = "runs/sdxl"
     model: str = ""  # checkpoint to fine-tune (official single file or diffusers folder); "" = random init (tiny)
-    tiny: bool = False  # random tiny base models instead of `model`
+    tiny_models: bool = False  # random tiny base models instead of `model`
     resolution: int = 1024  # bucket area = resolution²
     bucket_step: int = 64
     min_side: int = 0  # 0: resolution / 2
@@ -66,7 +66,7 @@ class TrainConfig:
     @classmethod
     def tiny(cls, **overrides) -> TrainConfig:
         """Random tiny SDXL-structured models on 64² images (16-pixel buckets): the CPU demo."""
-        base = dict(tiny=True, resolution=64, bucket_step=16, min_side=32, max_side=128, batch_size=4, lr=1e-3,
+        base = dict(tiny_models=True, resolution=64, bucket_step=16, min_side=32, max_side=128, batch_size=4, lr=1e-3,
                     warmup_steps=10, ema_decay=0.99, max_steps=300, save_every=100, log_every=10,
                     sample_prompts=("a red circle", "a blue square", "a green triangle", "a yellow circle"))
         return cls(**{**base, **overrides})

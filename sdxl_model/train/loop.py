@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .buckets import make_buckets
 from .config import TrainConfig
 from .data import BucketBatchSampler, ImageFolderDataset, LatentCache, WebDatasetShards, collate, derive_seed
 from .ema import EMA
+from .runtime import StopFlag, agree, atomic_save, image_grid, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class ConfigMismatch(ValueError):
 
 
 def build_models(config: TrainConfig) -> Models:
-    """Random tiny base models (`config.tiny`) or the checkpoint `config.model`; base vs refiner must match."""
-    if config.tiny:
+    """Random tiny base models (`config.tiny_models`) or the checkpoint `config.model`; base vs refiner must match."""
+    if config.tiny_models:
         from ..presets import tiny_components
 
         base, refiner = tiny_components(config.seed)
@@ -90,30 +90,9 @@ def build_data(config: TrainConfig, info: D.DistInfo):
         ds = WebDatasetShards(data, buckets, config.batch_size, seed=config.seed, rank=info.rank,
                               world_size=info.world_size, random_crop=config.random_crop, repeat=True)
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=config.num_workers), None, ds
+    if not Path(data).exists():
+        raise FileNotFoundError(f"training data {data} does not exist (give an image folder or *.tar shard URLs)")
     raise FileNotFoundError(f"training data {data!r} is neither a folder nor webdataset shard URLs (*.tar)")
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the end of the current step and returns."""
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no handlers
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -123,6 +102,7 @@ class Trainer:
         self.out = Path(config.out)
         dev = self.info.device
         cfg = config
+        self.loader, self.sampler, self.dataset = build_data(cfg, self.info)  # bad data fails before model loading
         torch.manual_seed(cfg.seed)
         self.models = models or build_models(cfg)
         m = self.models
@@ -144,7 +124,6 @@ class Trainer:
         self.ema = None
         if cfg.ema_decay > 0:
             self.ema = EMA(self.unet, cfg.ema_decay, "cpu" if cfg.ema_on_cpu else None)
-        self.loader, self.sampler, self.dataset = build_data(cfg, self.info)
         self.vae_cache = self.text_cache = None
         if cfg.cache_dir:
             self.vae_cache = LatentCache(Path(cfg.cache_dir) / "vae", _model_id(m.vae))
@@ -281,10 +260,10 @@ class Trainer:
 
             host = UNet(self.unet.config)
         host.load_state_dict(full)
-        _atomic_save(host, self.out / "unet.safetensors")
+        atomic_save(host, self.out / "unet.safetensors")
         if ema is not None:
             host.load_state_dict({k: v.to(full[k].dtype) for k, v in ema.items()}, strict=False)
-            _atomic_save(host, self.out / "unet_ema.safetensors")
+            atomic_save(host, self.out / "unet_ema.safetensors")
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -303,6 +282,34 @@ class Trainer:
             self.epoch += 1
             self.consumed = 0
 
+    def accumulate(self, batches) -> float:
+        """Forward and backward of one step's `grad_accum` micro-batches (gradients averaged over them and, under
+        DDP/FSDP, over ranks); returns the mean loss of this process's micro-batches."""
+        cfg, info = self.config, self.info
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            index = (self.step * cfg.grad_accum + micro) * info.world_size + info.rank
+            sync = micro == cfg.grad_accum - 1 or not info.distributed or cfg.distributed != "ddp"
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                loss = self.micro_loss(batch, index)
+                (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            self.consumed += 1
+        if not math.isfinite(total):
+            raise FloatingPointError(f"step {self.step}: the loss is {total}; stopping (lower the lr?)")
+        return total
+
+    def optimizer_step(self) -> None:
+        """Clip, AdamW, learning-rate schedule, EMA."""
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
     def run(self, resume: bool = False) -> TrainResult:
         cfg, info = self.config, self.info
         if resume and not self.resume() and info.is_main:
@@ -311,39 +318,22 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(cfg.to_json())
         losses: list[float] = []
-        bar = _progress(cfg, info, self.step)
+        bar = progress_bar(cfg.progress, cfg.max_steps, info, self.step)
         interrupted = False
         global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
         batches = self._batches()
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             t0 = time.perf_counter()
             while self.step < cfg.max_steps:
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = next(batches)
-                    index = (self.step * cfg.grad_accum + micro) * info.world_size + info.rank
-                    sync = micro == cfg.grad_accum - 1 or not info.distributed or cfg.distributed != "ddp"
-                    with contextlib.nullcontext() if sync else self.model.no_sync():
-                        loss = self.micro_loss(batch, index)
-                        (loss / cfg.grad_accum).backward()
-                    total += loss.item() / cfg.grad_accum
-                    self.consumed += 1
-                if not math.isfinite(total):
-                    raise FloatingPointError(f"step {self.step}: the loss is {total}; stopping (lower the lr?)")
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.unet)
+                total = self.accumulate(batches)
+                self.optimizer_step()
                 self.step += 1
                 losses.append(total)
                 dt, t0 = time.perf_counter() - t0, time.perf_counter()
                 self._log(total, dt, global_batch, bar)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.sample_grid()
-                stop_now = _agree(stop.requested is not None, info)
+                stop_now = agree(stop.requested is not None, info)
                 if self.step % cfg.save_every == 0 or stop_now or self.step == cfg.max_steps:
                     self.save()
                 if stop_now:
@@ -388,34 +378,13 @@ class Trainer:
                           output="tensor", disable=True)
         finally:
             self.unet.train()
-        grid = _grid(images)
+        grid = image_grid(images)
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
 
         Image.fromarray(grid.numpy()).save(path)
         return path
-
-
-def _grid(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] → one (H·rows, W·cols, 3) uint8 image."""
-    b, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    canvas = torch.zeros(3, rows * h, cols * w)
-    for i in range(b):
-        r, c = divmod(i, cols)
-        canvas[:, r * h: (r + 1) * h, c * w: (c + 1) * w] = images[i].float().cpu()
-    return (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-
-
-def _agree(flag: bool, info: D.DistInfo) -> bool:
-    """True on every rank if any rank got the signal."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _model_id(model: torch.nn.Module) -> str:
@@ -427,26 +396,6 @@ def _model_id(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _atomic_save(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    ckpt_io.save_weights(model, tmp)
-    with open(tmp, "rb") as f:
-        import os
-
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _progress(config: TrainConfig, info: D.DistInfo, start: int):
-    if not (config.progress and info.is_main):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=config.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def train(config: TrainConfig, *, resume: bool = False, models: Models | None = None) -> TrainResult:
