@@ -262,3 +262,35 @@ def test_sample_grid_is_written(tmp_path, shapes):
 def test_refiner_mode_trains_on_low_noise_with_aesthetic_score(tmp_path, shapes):
     res = train(tiny(tmp_path, shapes, max_steps=2, refiner=True, refiner_noise_levels=50))
     assert res.step == 2 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_latent_and_text_cache_skip_the_encoders_on_the_second_epoch(tmp_path, shapes, monkeypatch):
+    from sdxl_model.train.loop import Trainer
+
+    plain = Trainer(tiny(tmp_path / "p", shapes, max_steps=3, random_crop=False)).run()
+    trainer = Trainer(tiny(tmp_path / "c", shapes, max_steps=3, random_crop=False, cache_dir=str(tmp_path / "cache")))
+    first = trainer.run()
+    # Epoch 0 with the cache computes the same moments and embeddings (one image at a time) as without it.
+    for a, b in zip(first.losses, plain.losses):
+        assert math.isclose(a, b, rel_tol=1e-4), (first.losses, plain.losses)
+    vae, text = trainer.models.vae, trainer.models.text_encoder
+    calls = {"vae": 0, "text": 0}
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.__setitem__("vae", calls["vae"] + 1) or 1 / 0)
+    monkeypatch.setattr(text, "forward", lambda *a, **k: calls.__setitem__("text", calls["text"] + 1) or 1 / 0)
+    # A new run over the same cache: every image and caption of the first 3 batches is cached.
+    again = Trainer(tiny(tmp_path / "c2", shapes, max_steps=3, random_crop=False, cache_dir=str(tmp_path / "cache")),
+                    models=trainer.models).run()
+    assert calls == {"vae": 0, "text": 0}
+    assert again.step == 3
+
+
+def test_webdataset_shards(tmp_path, shapes):
+    import webdataset as wds
+
+    files = sorted(shapes.glob("*.png"))
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"shard-{s}.tar")) as sink:
+            for p in files[s::2]:
+                sink.write({"__key__": p.stem, "png": p.read_bytes(), "txt": p.with_suffix(".txt").read_text()})
+    res = train(tiny(tmp_path, str(tmp_path / "shard-{0..1}.tar"), max_steps=3))
+    assert res.step == 3 and all(math.isfinite(x) for x in res.losses)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..conditioning import encode_prompts
+from ..conditioning import build_adm_vector
 from . import distributed as D
 from . import objective, state
 from .buckets import make_buckets
@@ -151,15 +151,39 @@ class Trainer:
         return z * vae.config.scale_factor
 
     @torch.no_grad()
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of the captions; with a cache, only the captions not cached are encoded."""
+        enc, cache = self.models.text_encoder, self.text_cache
+        if cache is None:
+            return enc(captions)
+        keys = [cache.key(c) for c in captions]
+        found = {k: cache.get(k) for k in dict.fromkeys(keys)}
+        todo = [c for c, k in dict(zip(captions, keys)).items() if found[k] is None]
+        if todo:
+            context, pooled = enc(todo)
+            for i, c in enumerate(todo):
+                entry = {"context": context[i], "pooled": pooled[i]}
+                cache.put(cache.key(c), entry)
+                found[cache.key(c)] = entry
+        cache.hits += len(captions) - len(todo)
+        cache.misses += len(todo)
+        context = torch.stack([found[k]["context"].to(self.info.device) for k in keys])
+        pooled = torch.stack([found[k]["pooled"].to(self.info.device) for k in keys])
+        return context, pooled
+
+    @torch.no_grad()
     def _conditioning(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, enc = self.config, self.models.text_encoder
-        sizes = dict(original_size=batch["original_size"], crop_top_left=batch["crop_top_left"])
+        """(context, y): text embeddings and the ADM vector with the batch's own size/crop/target."""
+        cfg = self.config
+        context, pooled = self._text(list(batch["caption"]))
+        pooled = pooled.to(self.info.device).float()
         if cfg.refiner:
-            sizes["aesthetic_score"] = torch.full((len(batch["caption"]),), cfg.aesthetic_score)
+            score = torch.full((pooled.shape[0],), cfg.aesthetic_score)
+            y = build_adm_vector(pooled, batch["original_size"], batch["crop_top_left"], refiner=True,
+                                 aesthetic_score=score)
         else:
-            sizes["target_size"] = batch["target_size"]
-        context, y = encode_prompts(enc, batch["caption"], **sizes)
-        return context.to(self.info.device).float(), y.to(self.info.device).float()
+            y = build_adm_vector(pooled, batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        return context.to(self.info.device).float(), y
 
     def micro_loss(self, batch, index: int) -> torch.Tensor:
         """Loss of one micro-batch; `index` is its global micro-batch index (seeds every draw)."""
