@@ -36,9 +36,19 @@ def _check_names(op: str, name: str | None) -> None:
         raise ValueError(f"unknown backend {name!r} for {op!r}; expected one of {BACKENDS} or None")
 
 
-@functools.lru_cache(maxsize=8)
+_PARSED_ENV: dict[str, dict[str, str]] = {}
+
+
 def _parse_env(value: str) -> dict[str, str]:
-    """'torch' -> every op; 'op=name,op=name' -> per op."""
+    """'torch' -> every op; 'op=name,op=name' -> per op. Memoised in a plain dict, which torch.compile traces
+    (it warns on functools caches)."""
+    hit = _PARSED_ENV.get(value)
+    if hit is None:
+        hit = _PARSED_ENV[value] = _parse_env_value(value)
+    return hit
+
+
+def _parse_env_value(value: str) -> dict[str, str]:
     value = value.strip()
     if not value:
         return {}
