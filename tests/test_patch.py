@@ -228,6 +228,23 @@ def test_sdxl_model_unet_switch():
         assert sdxl_kernels.patch(model).counts()["native"] == 0  # already on our kernels: nothing to do
 
 
+@pytest.mark.parametrize("name", ["tiny_unet", "tiny_refiner_unet"])
+def test_model_from_the_sgm_fixture_config(name):
+    """sgm's tiny UNet rebuilt from its recorded config and weights, patched: the oracle's output."""
+    from safetensors.torch import load_file
+
+    from .conftest import fixture_path
+    from .test_unet import tiny_sgm_unet
+
+    io = load_file(fixture_path("sgm", f"{name}.io.safetensors"))
+    model = tiny_sgm_unet(name).use_kernels(False)
+    with torch.no_grad():
+        report = sdxl_kernels.patch(model)
+        assert report.left == [] and report.counts()["native"] > 0
+        out = model(*(io[k] for k in ("x", "timesteps", "context", "y")))
+    torch.testing.assert_close(out, io["out"], atol=1e-4, rtol=0)
+
+
 # ---- an ldm/sgm-style model ---------------------------------------------------------------------------
 
 
