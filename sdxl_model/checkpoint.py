@@ -709,6 +709,57 @@ def save_components(models, path: PathLike) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def diffusers_vae_config(config: VAEConfig) -> dict:
+    """The diffusers `AutoencoderKL` config.json of a VAE config (the inverse of `VAEConfig.from_diffusers`)."""
+    levels = len(config.block_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "act_fn": "silu",
+        "block_out_channels": list(config.block_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "force_upcast": True,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "latent_channels": config.embed_dim,
+        "layers_per_block": config.num_res_blocks,
+        "mid_block_add_attention": True,
+        "norm_num_groups": config.norm_groups,
+        "scaling_factor": config.scale_factor,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+    }
+
+
+def save_diffusers_vae(model: AutoencoderKL, folder: PathLike) -> Path:
+    """Write `model` as a diffusers `AutoencoderKL` model folder: config.json and
+    diffusion_pytorch_model.safetensors, renamed through `diffusers_vae_key_map` (inverted) with the mid-block
+    attention projections stored as Linear (C, C), as diffusers keeps them. Loads back with `load_weights`."""
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"save_diffusers_vae needs an AutoencoderKL, got {type(model).__name__}")
+    cfg = model.config
+    if cfg.z_channels != cfg.embed_dim:
+        raise ValueError(f"diffusers has one latent width; this VAE has z_channels={cfg.z_channels}, "
+                         f"embed_dim={cfg.embed_dim}")
+    ours = model.state_dict()
+    to_ours = diffusers_vae_key_map(cfg)
+    if set(to_ours.values()) != set(ours):
+        raise ValueError("the diffusers key map does not cover this VAE's state dict")
+    state = {}
+    for theirs, name in to_ours.items():
+        t = ours[name].detach()
+        if _is_vae_attn_proj(name):
+            t = t[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) Linear
+        state[theirs] = t.contiguous()
+    if any(v.is_meta for v in state.values()):
+        raise ValueError("cannot save a model whose weights are still on the meta device")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / DIFFUSERS_WEIGHT_NAMES[0]), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(diffusers_vae_config(cfg), indent=2) + "\n")
+    return folder
+
+
 # ---- whole pipelines -------------------------------------------------------------------------------------
 
 ADM_WIDTHS = {2816: "base", 2560: "refiner"}

@@ -1,5 +1,5 @@
 """`sdxl generate`: text → PNG with an SDXL base and an optional refiner, offline. (`sdxl train`: see
-sdxl_model/train/cli.py.)
+sdxl_model/train/cli.py; `sdxl train-vae`: sdxl_model/train/vae_cli.py.)
 
     sdxl generate "a cat" --base sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors
     sdxl generate "a cat" --preset tiny --steps 4 --size 64x64   # random tiny weights: a smoke test, writes noise
@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl", description="SDXL text-to-image (offline).")
     sub = parser.add_subparsers(dest="command", required=True)
     from .train import cli as train_cli
+    from .train import vae_cli
 
     train_cli.add_parser(sub)
+    vae_cli.add_parser(sub)
     g = sub.add_parser("generate", help="generate an image from a prompt")
     g.add_argument("prompt")
     src = g.add_mutually_exclusive_group(required=True)
@@ -270,6 +272,10 @@ def main(argv=None) -> int:
             from .train import cli as train_cli
 
             return train_cli.run(args)
+        if args.command == "train-vae":
+            from .train import vae_cli
+
+            return vae_cli.run(args)
     except UsageError as e:
         print(f"sdxl: error: {e}", file=sys.stderr)
         return 2

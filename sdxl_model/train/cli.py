@@ -63,6 +63,33 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_config_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], choices: dict[str, tuple]) -> None:
+    """One flag per field of the config dataclass `cls` (default None = not given): bools as --x/--no-x,
+    tuples as nargs="+", the rest typed by the annotation; `helps` must document every field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kw = dict(default=None, help=helps[f.name] + f" (default: {f.default!r})")
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
+        if kind is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is tuple:
+            elem = typing.get_args(kind)[0]
+            p.add_argument(_flag(f.name), nargs="+", type=elem, **kw)
+        else:
+            p.add_argument(_flag(f.name), type=kind, **kw)
+
+
+def config_from_flags(args: argparse.Namespace, cls, presets: dict):
+    """The preset (--preset), then the file (--config), then every flag given."""
+    cfg = presets[args.preset]() if args.preset else cls()
+    if args.config:
+        cfg = cls.from_file(args.config, base=cfg)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls.from_dict(given, base=cfg)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune the SDXL UNet",
                        description="Train the SDXL UNet on an image folder or webdataset shards. Settings come "
@@ -74,28 +101,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in --out (the config must match it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        kw = dict(default=None, help=HELP[f.name] + f" (default: {f.default!r})")
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        if kind is bool:
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(kind) is tuple:
-            elem = typing.get_args(kind)[0]
-            p.add_argument(_flag(f.name), nargs="+", type=elem, **kw)
-        else:
-            p.add_argument(_flag(f.name), type=kind, **kw)
+    add_config_flags(p, TrainConfig, HELP, CHOICES)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = PRESETS[args.preset]() if args.preset else TrainConfig()
-    if args.config:
-        cfg = TrainConfig.from_file(args.config, base=cfg)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    return TrainConfig.from_dict(given, base=cfg)
+    return config_from_flags(args, TrainConfig, PRESETS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,8 +8,51 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class ConfigFile:
+    """Files and comparisons for a config dataclass: `to_dict`/`to_json`, `from_dict`/`from_file` (TOML or
+    JSON over a base), and `differences` outside the class's RESUMABLE_CHANGES. Shared by every trainer's
+    config (`TrainConfig`, `VAETrainConfig`)."""
+
+    RESUMABLE_CHANGES: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base=None):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(names)}")
+        start = base.to_dict() if base is not None else {}
+        return cls(**{**start, **values})
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path, base=None):
+        """A TOML (.toml) or JSON file of fields, applied over `base` (or the defaults)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+        return cls.from_dict(values, base)
+
+    def differences(self, other) -> dict[str, tuple]:
+        """Fields (other than RESUMABLE_CHANGES) whose values differ: {name: (self's, other's)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in self.RESUMABLE_CHANGES and a[k] != b[k]}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """One training run. Presets: `TrainConfig.tiny()` (random tiny SDXL-structured models, the CPU demo) and
     `TrainConfig.sdxl()` (fine-tuning a real checkpoint given by `model`)."""
 
@@ -95,43 +138,6 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 1 <= self.refiner_noise_levels <= 1000:
             raise ValueError(f"refiner_noise_levels must be in [1, 1000], got {self.refiner_noise_levels}")
-
-    # ---- files -------------------------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(names)}")
-        start = base.to_dict() if base is not None else {}
-        return cls(**{**start, **values})
-
-    @classmethod
-    def from_file(cls, path: str | pathlib.Path, base: TrainConfig | None = None) -> TrainConfig:
-        """A TOML (.toml) or JSON file of fields, applied over `base` (or the defaults)."""
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-        return cls.from_dict(values, base)
-
-    def differences(self, other: TrainConfig) -> dict[str, tuple]:
-        """Fields (other than RESUMABLE_CHANGES) whose values differ: {name: (self's, other's)}."""
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if k not in self.RESUMABLE_CHANGES and a[k] != b[k]}
 
 
 PRESETS = {"tiny": TrainConfig.tiny, "sdxl": TrainConfig.sdxl}

@@ -1,9 +1,11 @@
 """Process-group setup under `torchrun` (nccl on CUDA, gloo on the CPU) and model wrapping: DDP, or FSDP2
-(`torch.distributed.fsdp.fully_shard` on each UNet block, then the root). One process: no wrapping."""
+(`torch.distributed.fsdp.fully_shard` on each UNet block, or the submodules the caller names, then the root).
+One process: no wrapping."""
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,8 +42,10 @@ def setup(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def wrap(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
-    """The module to train: `model` itself (one process), DDP(model), or `model` sharded in place (FSDP2)."""
+def wrap(model: nn.Module, info: DistInfo, mode: str, shard: Sequence[nn.Module] | None = None) -> nn.Module:
+    """The module to train: `model` itself (one process), DDP(model), or `model` sharded in place (FSDP2):
+    each of `shard` (default: the UNet's input/middle/output blocks, found by name) gets its own
+    `fully_shard` unit, then the root."""
     if not info.distributed:
         return model
     if mode == "ddp":
@@ -52,9 +56,10 @@ def wrap(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in list(getattr(model, "input_blocks", [])) + [getattr(model, "middle_block", None)] + list(
-            getattr(model, "output_blocks", [])
-        ):
+        if shard is None:
+            shard = list(getattr(model, "input_blocks", [])) + [getattr(model, "middle_block", None)] + list(
+                getattr(model, "output_blocks", []))
+        for block in shard:
             if block is not None:
                 fully_shard(block)
         fully_shard(model)
