@@ -294,3 +294,24 @@ def test_webdataset_shards(tmp_path, shapes):
                 sink.write({"__key__": p.stem, "png": p.read_bytes(), "txt": p.with_suffix(".txt").read_text()})
     res = train(tiny(tmp_path, str(tmp_path / "shard-{0..1}.tar"), max_steps=3))
     assert res.step == 3 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_a_bucket_with_a_single_image(tmp_path):
+    """Four square images and one 4:1 panorama (a bucket of its own): every epoch has a batch of one."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(64, 64)] * 4 + [(128, 32)]):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i}")
+    from sdxl_model.train.loop import Trainer
+
+    trainer = Trainer(tiny(tmp_path, data, max_steps=7, max_side=128))
+    sizes = {trainer.dataset.buckets[b] for b in trainer.dataset.bucket_ids}
+    assert len(sizes) == 2
+    seen = []
+    real = trainer.micro_loss
+    trainer.micro_loss = lambda batch, index: seen.append(tuple(batch["pixels"].shape)) or real(batch, index)
+    res = trainer.run()
+    assert res.step == 7 and any(s[0] == 1 for s in seen) and any(s[0] == 2 for s in seen)
