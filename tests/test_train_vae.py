@@ -320,6 +320,67 @@ def test_tiny_demo_improves_held_out_psnr(tmp_path):
     assert Image.open(tmp_path / "out" / "eval_grid.png").size == (3 * 3 * 32, 3 * 32)  # 8 strips in a 3×3 grid
 
 
+# ---- DDP and FSDP2 (two gloo processes) ----------------------------------------------------------------------
+
+
+def step_gradients(data: Path, out: str, mode: str, accum: int):
+    """(trainer, {name: gradient}, mean loss over ranks) of one step with the discriminator on."""
+    from sdxl_model.train.vae_loop import VAETrainer
+
+    cfg = VAETrainConfig.tiny(data=str(data / "train"), eval_data=str(data / "held"), out=out, batch_size=2,
+                              grad_accum=accum, distributed=mode, progress=False, disc_start=1, disc_channels=8,
+                              disc_layers=2, eval_images=2)
+    t = VAETrainer(cfg)
+    t.step = 1  # past disc_start: every term and both models get gradients
+    loss = t.accumulate(t._batches())
+    named = list(t.vae.named_parameters()) + [(f"disc.{n}", p) for n, p in t.disc.named_parameters()]
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu().contiguous()
+             for n, p in named}
+    if t.info.distributed:
+        losses = [None] * t.info.world_size
+        torch.distributed.all_gather_object(losses, loss)
+        loss = sum(losses) / len(losses)
+    return t, grads, loss
+
+
+def test_two_process_ddp_and_fsdp_gradients_equal_one_process(tmp_path, shapes):
+    """2 gloo processes × 1 micro-batch = 1 process × 2 micro-batches (same micro-batches, same draws)."""
+    import socket
+
+    from safetensors import safe_open
+
+    _, ref, ref_loss = step_gradients(shapes, str(tmp_path / "one"), "ddp", accum=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           __file__, str(shapes), str(tmp_path / "two"), "ddp", "fsdp"]
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for mode in ("ddp", "fsdp"):
+        path = f"{tmp_path / 'two'}-{mode}.safetensors"
+        got = load_file(path)
+        assert got.keys() == ref.keys(), mode
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], msg=lambda m, k=k: f"{mode} {k}: {m}")
+        with safe_open(path, "pt") as f:
+            assert math.isclose(float(f.metadata()["loss"]), ref_loss, rel_tol=1e-6), mode
+
+
+def _distributed_main(data: str, out: str, *modes: str) -> None:
+    """Under torchrun: one step's gradients per distributed mode, saved by rank 0 as OUT-MODE.safetensors."""
+    from safetensors.torch import save_file
+
+    from sdxl_model.train import distributed as D
+
+    torch.set_num_threads(1)
+    for mode in modes:
+        t, grads, loss = step_gradients(Path(data), f"{out}-{mode}.run", mode, accum=1)
+        if t.info.is_main:
+            save_file(grads, f"{out}-{mode}.safetensors", metadata={"loss": repr(loss)})
+    D.cleanup(t.info)
+
+
 # ---- the command line ---------------------------------------------------------------------------------------
 
 
@@ -366,3 +427,7 @@ def test_cli_help_sigterm_and_resume(tmp_path, shapes):
     bad = sdxl_train_vae("--preset", "tiny", "--data", tmp_path / "nowhere", "--out", tmp_path / "o")
     _, err = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "does not exist" in err
+
+
+if __name__ == "__main__":
+    _distributed_main(*sys.argv[1:])

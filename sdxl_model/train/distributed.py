@@ -81,6 +81,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: sharded the same way when `like` is an FSDP2 DTensor, else `full` itself."""
+    if not hasattr(like, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
 def all_mean(value: float, info: DistInfo) -> float:
     if not info.distributed:
         return value

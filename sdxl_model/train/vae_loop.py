@@ -52,7 +52,7 @@ class Reconstruct(nn.Module):
     def forward(self, x: torch.Tensor, eps: torch.Tensor):
         mean, logvar = self.vae.encode(x)
         z = mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype)
-        return self.vae.decode(z), mean, logvar
+        return self.vae.decode(z), mean.clone(), logvar  # not a view of the moments: FSDP2 hooks outputs
 
 
 class DiscPair(nn.Module):
@@ -298,7 +298,9 @@ class VAETrainer(Trainer):
                 raise ConfigMismatch(f"{latest}: VAE weights do not fit (missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]})")
         if self.ema is not None:
-            self.ema.load_state_dict(weights["ema"], ts["ema_updates"])
+            shadow = self.ema.shadow  # full tensors from the file, laid out as the (maybe sharded) shadow
+            self.ema.load_state_dict({k: D.shard_like(v, shadow[k]) if k in shadow else v
+                                      for k, v in weights["ema"].items()}, ts["ema_updates"])
         if self.disc is not None:
             self.disc.load_state_dict(weights["disc"])
             self.disc_optimizer.load_state_dict(ts["disc_optimizer"])
