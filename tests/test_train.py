@@ -25,7 +25,7 @@ def shapes(tmp_path_factory):
 
 def tiny(tmp_path, data, **kw):
     base = dict(data=str(data), out=str(tmp_path / "out"), progress=False, max_steps=4, save_every=2,
-                batch_size=2)
+                batch_size=2, device="cpu")  # bitwise comparisons hold on the CPU
     return TrainConfig.tiny(**{**base, **kw})
 
 

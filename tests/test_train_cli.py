@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from sdxl_model.train import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+# On the CPU (also on a GPU machine): gloo ranks, and bitwise comparisons that hold there.
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT),
+                                                                          "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")

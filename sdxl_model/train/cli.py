@@ -45,6 +45,7 @@ HELP = {
     "gradient_checkpointing": "recompute activations in the backward to save memory",
     "use_kernels": "sdxl_kernels on the hot path (--no-use-kernels: eager PyTorch, for comparison)",
     "distributed": "under torchrun: ddp or fsdp (FSDP2 fully_shard)",
+    "device": "auto (CUDA when available, rank r on cuda:LOCAL_RANK), cpu or cuda",
     "seed": "seed of the data order, crops, noise and (tiny) initial weights",
     "save_every": "steps between checkpoints (also written on SIGTERM/SIGINT and at the end)",
     "keep_checkpoints": "complete checkpoints kept in OUT/checkpoints",
@@ -56,7 +57,7 @@ HELP = {
 }
 
 
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp")}
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "device": ("auto", "cpu", "cuda")}
 
 
 def _flag(name: str) -> str:

@@ -92,6 +92,7 @@ class TrainConfig(ConfigFile):
     gradient_checkpointing: bool = False
     use_kernels: bool = True  # sdxl_kernels on the hot path; False: eager PyTorch (for comparison)
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    device: str = "auto"  # "auto": CUDA when available (rank r on cuda:LOCAL_RANK), else the CPU; or "cpu"
     # bookkeeping
     seed: int = 0
     save_every: int = 500  # steps between checkpoints (also written on SIGTERM / SIGINT and at the end)
@@ -126,6 +127,8 @@ class TrainConfig(ConfigFile):
         self.sample_prompts = tuple(self.sample_prompts)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "save_every", "resolution", "bucket_step"):

@@ -98,7 +98,7 @@ def build_data(config: TrainConfig, info: D.DistInfo):
 class Trainer:
     def __init__(self, config: TrainConfig, models: Models | None = None):
         self.config = config
-        self.info = D.setup()
+        self.info = D.setup(None if config.device == "auto" else config.device)
         self.out = Path(config.out)
         dev = self.info.device
         cfg = config
