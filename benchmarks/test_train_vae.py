@@ -46,7 +46,7 @@ def trainer(tmp_path_factory):
     make_shapes_dataset(root / "data", n=b, seed=0, min_side=res, max_side=res + 16)
     preset = VAETrainConfig.sdxl if DEVICE.type == "cuda" else VAETrainConfig.tiny
     cfg = preset(data=str(root / "data"), out=str(root / "out"), resolution=res, batch_size=b, eval_images=1,
-                 progress=False)
+                 progress=False, device=DEVICE.type)
     t = VAETrainer(cfg)
     yield t
     del t
@@ -107,5 +107,6 @@ def test_vae_train_step(trainer):
     RESULTS.note(OP, f"{'×'.join(map(str, CASE.shape))}: {what}; images/s: "
                      + ", ".join(f"{p} {b * 1e3 / tm.ms:.3g}" for p, tm in timings.items()))
     if peaks:
-        RESULTS.note(OP, "peak CUDA memory per step: " + ", ".join(f"{p} {v / 2**30:.2f} GiB" for p, v in peaks.items()))
+        shown = ", ".join(f"{p} {v / 2**30:.2f} GiB" for p, v in peaks.items())
+        RESULTS.note(OP, f"peak CUDA memory per step: {shown}")
     assert timings, "no provider ran"

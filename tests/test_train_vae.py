@@ -48,7 +48,7 @@ def shapes(tmp_path_factory):
 
 def tiny(tmp_path, data, **kw):
     base = dict(data=str(data / "train"), eval_data=str(data / "held"), out=str(tmp_path / "out"), progress=False,
-                max_steps=4, save_every=2, batch_size=2, eval_images=4)
+                max_steps=4, save_every=2, batch_size=2, eval_images=4, device="cpu")
     return VAETrainConfig.tiny(**{**base, **kw})
 
 
@@ -247,6 +247,17 @@ def test_resume_is_bitwise_equal_and_exports_load(tmp_path, shapes):
     assert torch.equal(*outs)
 
 
+def test_fine_tuning_starts_from_an_exported_vae(tmp_path, shapes):
+    """--model: the official file and the diffusers folder both start from the exported weights."""
+    train_vae(tiny(tmp_path / "first", shapes, max_steps=2))
+    first = tmp_path / "first" / "out"
+    after = json.loads((first / "eval.json").read_text())["after"]["ema"]
+    for i, src in enumerate((first / "vae_ema.safetensors", first / "vae_diffusers")):
+        train_vae(tiny(tmp_path / f"tune{i}", shapes, model=str(src), max_steps=1))
+        before = json.loads((tmp_path / f"tune{i}" / "out" / "eval.json").read_text())["before"]["raw"]
+        assert before == after, src
+
+
 def test_mismatched_checkpoint_is_refused_before_any_step(tmp_path, shapes):
     train_vae(tiny(tmp_path, shapes, max_steps=2))
     out = tmp_path / "out"
@@ -285,15 +296,28 @@ class _MeanAbsPool(torch.nn.Module):
         return (torch.nn.functional.avg_pool2d(x, 4) - torch.nn.functional.avg_pool2d(y, 4)).abs().mean((1, 2, 3))
 
 
+class _PooledFeatures(torch.nn.Module):
+    """A stand-in Inception: 4×4 average-pooled pixels as features (B, 3·8·8) of 32² images."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 4).flatten(1)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_perceptual_term_from_a_torchscript_file(tmp_path, shapes):
+def test_perceptual_term_and_rfid_from_torchscript_files(tmp_path, shapes):
     torch.jit.save(torch.jit.script(_MeanAbsPool()), str(tmp_path / "p.pt"))
-    train_vae(tiny(tmp_path, shapes, max_steps=2, perceptual_weights=str(tmp_path / "p.pt"), perceptual_weight=2.0))
+    torch.jit.save(torch.jit.script(_PooledFeatures()), str(tmp_path / "inception.pt"))
+    train_vae(tiny(tmp_path, shapes, max_steps=2, perceptual_weights=str(tmp_path / "p.pt"), perceptual_weight=2.0,
+                   inception_weights=str(tmp_path / "inception.pt")))
     rec = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
     assert rec["perceptual"] > 0
     # nll = rec + w·C·H·W·p (LDM broadcasts the perceptual distance over every pixel); KL weight 1e-6
     assert math.isclose(rec["ae_loss"], rec["rec"] + 2.0 * 3 * 32 * 32 * rec["perceptual"] + 1e-6 * rec["kl"],
                         rel_tol=1e-5)
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert "rfid" not in report  # not "skipped"
+    for when, which in (("before", "raw"), ("after", "raw"), ("after", "ema")):
+        assert report[when][which]["rfid"] > 0, report
 
 
 def test_kernels_track_eager(tmp_path, shapes):
@@ -308,7 +332,8 @@ def test_tiny_demo_improves_held_out_psnr(tmp_path):
     make_shapes_dataset(tmp_path / "train", n=32, seed=0)
     make_shapes_dataset(tmp_path / "held", n=8, seed=1)
     cfg = VAETrainConfig.tiny(data=str(tmp_path / "train"), eval_data=str(tmp_path / "held"),
-                              out=str(tmp_path / "out"), max_steps=120, save_every=1000, progress=False)
+                              out=str(tmp_path / "out"), max_steps=120, save_every=1000, progress=False,
+                              device="cpu")
     train_vae(cfg)
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["held_out"] and report["images"] == 8 and report["weights_to_use"] == "vae_ema.safetensors"
@@ -329,7 +354,7 @@ def step_gradients(data: Path, out: str, mode: str, accum: int):
 
     cfg = VAETrainConfig.tiny(data=str(data / "train"), eval_data=str(data / "held"), out=out, batch_size=2,
                               grad_accum=accum, distributed=mode, progress=False, disc_start=1, disc_channels=8,
-                              disc_layers=2, eval_images=2)
+                              disc_layers=2, eval_images=2, device="cpu")
     t = VAETrainer(cfg)
     t.step = 1  # past disc_start: every term and both models get gradients
     loss = t.accumulate(t._batches())
@@ -398,7 +423,8 @@ def test_cli_help_sigterm_and_resume(tmp_path, shapes):
     for name in VAETrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in res.stdout, name
     common = ["--preset", "tiny", "--data", shapes / "train", "--eval-data", shapes / "held", "--max-steps", 40,
-              "--save-every", 100, "--batch-size", 2, "--no-progress", "--seed", 3, "--eval-images", 2]
+              "--save-every", 100, "--batch-size", 2, "--no-progress", "--seed", 3, "--eval-images", 2,
+              "--device", "cpu"]
     ref = sdxl_train_vae(*common, "--out", tmp_path / "ref")
     out = tmp_path / "run"
     proc = sdxl_train_vae(*common, "--out", out)
@@ -424,7 +450,8 @@ def test_cli_help_sigterm_and_resume(tmp_path, shapes):
         assert _same_file(tmp_path / "ref" / name, out / name), f"{name} differs after resume"
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 41))
-    bad = sdxl_train_vae("--preset", "tiny", "--data", tmp_path / "nowhere", "--out", tmp_path / "o")
+    bad = sdxl_train_vae("--preset", "tiny", "--data", tmp_path / "nowhere", "--out", tmp_path / "o",
+                         "--device", "cpu")
     _, err = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "does not exist" in err
 

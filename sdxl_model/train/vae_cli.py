@@ -49,6 +49,7 @@ HELP = {
     "precision": "auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32; the losses are always fp32",
     "use_kernels": "sdxl_kernels (fused GroupNorm+SiLU, attention) on the hot path (--no-use-kernels: eager)",
     "distributed": "under torchrun: ddp or fsdp (FSDP2 fully_shard of the encoder and decoder)",
+    "device": "auto (CUDA when available, rank r on cuda:LOCAL_RANK), cpu or cuda",
     "seed": "seed of the data order, crops, posterior draws and (random) initial weights",
     "save_every": "steps between checkpoints (also written on SIGTERM/SIGINT and at the end)",
     "keep_checkpoints": "complete checkpoints kept in OUT/checkpoints",
@@ -57,7 +58,8 @@ HELP = {
     "progress": "progress bar with loss and images/s",
 }
 
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "recon": ("l1", "l2")}
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "device": ("auto", "cpu", "cuda"),
+           "recon": ("l1", "l2")}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -50,6 +50,7 @@ class VAETrainConfig(ConfigFile):
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": bf16 on CUDA, fp32 on the CPU
     use_kernels: bool = True  # sdxl_kernels (fused GroupNorm+SiLU, attention) on the hot path; False: eager
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    device: str = "auto"  # "auto": CUDA when available (rank r on cuda:LOCAL_RANK), else the CPU; or "cpu", "cuda"
     # bookkeeping
     seed: int = 0
     save_every: int = 1000
@@ -78,6 +79,8 @@ class VAETrainConfig(ConfigFile):
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.recon not in ("l1", "l2"):

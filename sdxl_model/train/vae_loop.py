@@ -116,7 +116,7 @@ def load_eval_images(config: VAETrainConfig) -> tuple[torch.Tensor | None, bool]
 class VAETrainer(Trainer):
     def __init__(self, config: VAETrainConfig, vae: AutoencoderKL | None = None):
         self.config = cfg = config
-        self.info = D.setup()
+        self.info = D.setup(None if cfg.device == "auto" else cfg.device)
         self.out = Path(cfg.out)
         dev = self.info.device
         # bad data and missing files fail before any model is built
