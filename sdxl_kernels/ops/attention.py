@@ -161,6 +161,24 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale, MASKED: tl.constexpr,
+                             CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+        """One key block of the forward: scores, mask, the online-softmax rescale, acc += P̃ V."""
+        qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            valid = offs_n[None, :] < LK
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(valid, qk, float("-inf"))
+        # Column 0 is visible to every row and comes first, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _fwd_blocks(
         acc,  # (BLOCK_M, BLOCK_D) float32
         m_i,  # (BLOCK_M,) float32, running max in log2 units
@@ -191,19 +209,8 @@ if triton is not None:
                            MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
             v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
                            MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
-            qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            if MASKED:
-                valid = offs_n[None, :] < LK
-                if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
-                qk = tl.where(valid, qk, float("-inf"))
-            # Column 0 is visible to every row and comes first, so m_new is finite from the first block on.
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale,
+                                                 MASKED, CAUSAL, UPCAST)  # fmt: skip
         return acc, m_i, l_i
 
     @triton.jit
@@ -314,18 +321,8 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = desc_k.load([n0, 0])  # (BLOCK_N, BLOCK_D)
             v = desc_v.load([n0, 0])  # (BLOCK_N, BLOCK_D)
-            qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            if MASKED:
-                valid = offs_n[None, :] < LK
-                if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
-                qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale,
+                                                 MASKED, CAUSAL, UPCAST)  # fmt: skip
         return acc, m_i, l_i
 
     @triton.jit
