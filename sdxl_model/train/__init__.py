@@ -15,6 +15,8 @@ __all__ = [
     "Crop",
     "ImageFolderDataset",
     "LatentCache",
+    "TrainConfig",
+    "VAETrainConfig",
     "WebDatasetShards",
     "collate",
     "derive_seed",
@@ -22,6 +24,8 @@ __all__ = [
     "make_shapes_dataset",
     "nearest_bucket",
     "resize_and_crop",
+    "train",
+    "train_vae",
 ]
 
 
@@ -31,4 +35,12 @@ def __getattr__(name):
         from .synthetic import make_shapes_dataset
 
         return make_shapes_dataset
+    if name in ("TrainConfig", "train"):
+        from . import config, loop
+
+        return {"TrainConfig": config.TrainConfig, "train": loop.train}[name]
+    if name in ("VAETrainConfig", "train_vae"):
+        from . import vae_config, vae_loop
+
+        return {"VAETrainConfig": vae_config.VAETrainConfig, "train_vae": vae_loop.train_vae}[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -83,7 +83,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `like`: sharded the same way when `like` is an FSDP2 DTensor, else `full` itself."""
-    if not hasattr(like, "device_mesh"):
+    if not hasattr(like, "device_mesh") or hasattr(full, "device_mesh"):
         return full
     from torch.distributed.tensor import distribute_tensor
 

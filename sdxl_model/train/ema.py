@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import shard_like
+
 
 class EMA:
     """Float32 shadow copies of `model`'s floating-point parameters and buffers, on `device` (None: the model's)."""
@@ -40,7 +42,7 @@ class EMA:
         for k, s in self.shadow.items():
             if state[k].shape != s.shape:
                 raise ValueError(f"EMA {k}: shape {tuple(state[k].shape)} != {tuple(s.shape)}")
-            s.copy_(state[k])
+            s.copy_(shard_like(state[k], s))  # a full tensor, sharded like the shadow under FSDP2
         self.num_updates = int(num_updates)
 
     @torch.no_grad()

@@ -298,9 +298,7 @@ class VAETrainer(Trainer):
                 raise ConfigMismatch(f"{latest}: VAE weights do not fit (missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]})")
         if self.ema is not None:
-            shadow = self.ema.shadow  # full tensors from the file, laid out as the (maybe sharded) shadow
-            self.ema.load_state_dict({k: D.shard_like(v, shadow[k]) if k in shadow else v
-                                      for k, v in weights["ema"].items()}, ts["ema_updates"])
+            self.ema.load_state_dict(weights["ema"], ts["ema_updates"])  # re-sharded like the shadow
         if self.disc is not None:
             self.disc.load_state_dict(weights["disc"])
             self.disc_optimizer.load_state_dict(ts["disc_optimizer"])
