@@ -161,6 +161,22 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _key_range(m0, LK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(lo, hi) for the query block at m0: keys [0, lo) need no mask; [lo, hi) are the ragged end of the
+        sequence and (causal) the diagonal; keys from hi on are never visible."""
+        hi = LK
+        lo = LK // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(LK, m0 + BLOCK_M)
+            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+        return lo, hi
+
+    @triton.jit
+    def _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i):
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+    @triton.jit
     def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale, MASKED: tl.constexpr,
                              CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
         """One key block of the forward: scores, mask, the online-softmax rescale, acc += P̃ V."""
@@ -275,12 +291,7 @@ if triton is not None:
                        True, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)  # fmt: skip
         qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
-        # Keys [0, lo) need no mask; [lo, hi) are the ragged end and (causal) the diagonal.
-        hi = LK
-        lo = LK // BLOCK_N * BLOCK_N
-        if CAUSAL:
-            hi = tl.minimum(LK, m0 + BLOCK_M)
-            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+        lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -294,8 +305,7 @@ if triton is not None:
         out = acc / l_i[:, None]
         _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
                     HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+        _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i)
 
     @triton.jit
     def _fwd_blocks_tma(
@@ -384,11 +394,7 @@ if triton is not None:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = desc_q.load([m0, 0])  # (BLOCK_M, BLOCK_D)
         qk_scale = sm_scale * 1.4426950408889634  # log2(e)
-        hi = LK
-        lo = LK // BLOCK_N * BLOCK_N
-        if CAUSAL:
-            hi = tl.minimum(LK, m0 + BLOCK_M)
-            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+        lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -401,8 +407,7 @@ if triton is not None:
         if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:
             out = _rne_bf16(out)
         desc_o.store([m0, 0], out.to(o_ptr.dtype.element_ty))  # rows past LQ, columns past HEAD_DIM: not written
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+        _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i)
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -705,11 +710,7 @@ if triton is not None:
         v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
         qk_scale = sm_scale * 1.4426950408889634
 
-        hi = LK
-        lo = LK // BLOCK_N2 * BLOCK_N2
-        if CAUSAL:
-            hi = tl.minimum(LK, m0 + BLOCK_M2)
-            lo = tl.minimum(lo, (m0 + 1) // BLOCK_N2 * BLOCK_N2)
+        lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M2, BLOCK_N2)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             offs_m, 0, lo, LK, qk_scale,
