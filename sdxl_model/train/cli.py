@@ -110,16 +110,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config_from_flags(args, TrainConfig, PRESETS)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .loop import ConfigMismatch, train
+def run_command(args: argparse.Namespace, name: str, make_config, train_fn, done) -> int:
+    """The shared body of `sdxl train` / `sdxl train-vae`: logging, config, training, exit status (2: bad
+    input, 143: stopped by a signal with a checkpoint written); `done(cfg, result)` is the closing line."""
+    from .loop import ConfigMismatch
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_args(args)
-        result = train(cfg, resume=args.resume)
+        cfg = make_config(args)
+        result = train_fn(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, ConfigMismatch) as e:
-        print(f"sdxl train: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") != "0":
         return 143 if result.interrupted else 0
@@ -127,8 +129,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}; checkpoint in {result.out / 'checkpoints'}; continue with --resume",
               file=sys.stderr)
         return 143
-    print(f"trained to step {result.step}: {result.out / 'unet.safetensors'}, {result.out / 'unet_ema.safetensors'}")
+    print(done(cfg, result))
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    return run_command(args, "sdxl train", config_from_args, train, lambda cfg, r: (
+        f"trained to step {r.step}: {r.out / 'unet.safetensors'}, {r.out / 'unet_ema.safetensors'}"))
 
 
 def main(argv=None) -> int:

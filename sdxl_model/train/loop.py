@@ -220,17 +220,46 @@ class Trainer:
     def _ema_state(self) -> dict[str, torch.Tensor]:
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in self.ema.state_dict().items()}
 
+    # Hooks a trainer of another model (vae_loop.VAETrainer) overrides: its weights' file stem, its full state,
+    # loading it back, and what else its checkpoints carry.
+    weights_name = "unet"
+    command = "sdxl train"
+
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        return D.full_state_dict(self.model)
+
+    def _load_trained(self, full: dict[str, torch.Tensor], latest: Path) -> None:
+        if self.config.distributed == "fsdp" and self.info.distributed:
+            self._load_sharded(full)
+            return
+        missing, unexpected = self.unet.load_state_dict(full, strict=False)
+        if missing or unexpected:
+            raise ConfigMismatch(f"{latest}: UNet weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def _extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra(self, weights: dict, trainer_state: dict) -> None:
+        pass
+
+    def _no_checkpoint(self) -> None:
+        """Called by `resume` when `out` holds no checkpoint yet."""
+
     def save(self) -> Path | None:
-        weights = {"unet": D.full_state_dict(self.model)}
+        weights = {self.weights_name: self._trained_state()}
         if self.ema is not None:
             weights["ema"] = self._ema_state()
+        weights |= self._extra_weights()
         trainer_state = {
             "step": self.step, "epoch": self.epoch, "consumed": self.consumed,
             "optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
             "sampler": self.sampler.state_dict(self.consumed) if self.sampler is not None else None,
             "torch_rng": torch.get_rng_state(),
-        }
+        } | self._extra_state()
         path = None
         if self.info.is_main:
             path = state.save_checkpoint(self.out, self.step, weights, trainer_state, self.config.to_json(),
@@ -239,22 +268,25 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from the latest complete checkpoint in `out`; False when there is none."""
+        """Continue from the latest complete checkpoint in `out` (refused before any step if its config differs);
+        False when there is none."""
         latest = state.latest_checkpoint(self.out)
         if latest is None:
+            self._no_checkpoint()
             return False
         weights, ts, saved = state.load_checkpoint(latest)
-        old = TrainConfig.from_dict(saved)
+        try:
+            old = type(self.config).from_dict(saved)
+        except (TypeError, ValueError) as e:
+            raise ConfigMismatch(f"cannot resume from {latest}: it is not a {self.command} checkpoint ({e})") from e
         diff = old.differences(self.config)
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ConfigMismatch(f"cannot resume from {latest}: the config differs ({shown})")
-        missing, unexpected = self.unet.load_state_dict(weights["unet"], strict=False) if not (
-            self.config.distributed == "fsdp" and self.info.distributed) else self._load_sharded(weights["unet"])
-        if missing or unexpected:
-            raise ConfigMismatch(f"{latest}: UNet weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self._load_trained(weights[self.weights_name], latest)
         if self.ema is not None:
             self.ema.load_state_dict(weights["ema"], ts["ema_updates"])
+        self._load_extra(weights, ts)
         self._load_optimizer_state(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.step, self.epoch, self.consumed = ts["step"], ts["epoch"], ts["consumed"]

@@ -3,11 +3,9 @@ and an optional TOML/JSON config file."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
-from .cli import add_config_flags, config_from_flags
+from .cli import add_config_flags, config_from_flags, run_command
 from .vae_config import PRESETS, VAETrainConfig
 
 HELP = {
@@ -79,28 +77,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _done(cfg: VAETrainConfig, result) -> str:
+    use = "vae_ema.safetensors" if cfg.ema_decay > 0 else "vae.safetensors"
+    return (f"trained to step {result.step}: use {result.out / use} (diffusers layout: "
+            f"{result.out / 'vae_diffusers'}); evaluation in {result.out / 'eval.json'}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from .loop import ConfigMismatch
     from .vae_loop import train_vae
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_flags(args, VAETrainConfig, PRESETS)
-        result = train_vae(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, ConfigMismatch) as e:
-        print(f"sdxl train-vae: error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") != "0":
-        return 143 if result.interrupted else 0
-    if result.interrupted:
-        print(f"stopped at step {result.step}; checkpoint in {result.out / 'checkpoints'}; continue with --resume",
-              file=sys.stderr)
-        return 143
-    use = "vae_ema.safetensors" if cfg.ema_decay > 0 else "vae.safetensors"
-    print(f"trained to step {result.step}: use {result.out / use} (diffusers layout: {result.out / 'vae_diffusers'}); "
-          f"evaluation in {result.out / 'eval.json'}")
-    return 0
+    return run_command(args, "sdxl train-vae", lambda a: config_from_flags(a, VAETrainConfig, PRESETS), train_vae,
+                       _done)
 
 
 def main(argv=None) -> int:

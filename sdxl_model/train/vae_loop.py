@@ -30,7 +30,7 @@ from .. import checkpoint as ckpt_io
 from ..config import VAEConfig
 from ..vae import AutoencoderKL
 from . import distributed as D
-from . import metrics, state
+from . import metrics
 from . import vae_losses as L
 from .data import ImageFolderDataset, derive_seed
 from .ema import EMA
@@ -252,65 +252,37 @@ class VAETrainer(Trainer):
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 
-    def save(self) -> Path | None:
-        weights = {"vae": D.full_state_dict(self.vae)}
-        if self.ema is not None:
-            weights["ema"] = self._ema_state()
-        if self.disc is not None:
-            weights["disc"] = {k: v.detach().cpu() for k, v in self.disc.state_dict().items()}
-        trainer_state = {
-            "step": self.step, "epoch": self.epoch, "consumed": self.consumed,
-            "optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
-            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc is not None else None,
-            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
-            "sampler": self.sampler.state_dict(self.consumed) if self.sampler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "eval_before": json.dumps(self.eval_before),
-        }
-        path = None
-        if self.info.is_main:
-            path = state.save_checkpoint(self.out, self.step, weights, trainer_state, self.config.to_json(),
-                                         keep=self.config.keep_checkpoints)
-        D.barrier(self.info)
-        return path
+    weights_name = "vae"
+    command = "train-vae"
 
-    def resume(self) -> bool:
-        """Continue from the latest complete checkpoint in `out` (refused before any step if its config
-        differs); without one, evaluate the initial weights and return False."""
-        latest = state.latest_checkpoint(self.out)
-        if latest is None:
-            self.evaluate_before()
-            return False
-        weights, ts, saved = state.load_checkpoint(latest)
-        try:
-            old = VAETrainConfig.from_dict(saved)
-        except (TypeError, ValueError) as e:
-            raise ConfigMismatch(f"cannot resume from {latest}: it is not a train-vae checkpoint ({e})") from e
-        diff = old.differences(self.config)
-        if diff:
-            shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ConfigMismatch(f"cannot resume from {latest}: the config differs ({shown})")
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        return D.full_state_dict(self.vae)
+
+    def _load_trained(self, full: dict[str, torch.Tensor], latest: Path) -> None:
         if self.config.distributed == "fsdp" and self.info.distributed:
-            self._load_sharded({f"vae.{k}": v for k, v in weights["vae"].items()})
-        else:
-            missing, unexpected = self.vae.load_state_dict(weights["vae"], strict=False)
-            if missing or unexpected:
-                raise ConfigMismatch(f"{latest}: VAE weights do not fit (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]})")
-        if self.ema is not None:
-            self.ema.load_state_dict(weights["ema"], ts["ema_updates"])  # re-sharded like the shadow
+            self._load_sharded({f"vae.{k}": v for k, v in full.items()})
+            return
+        missing, unexpected = self.vae.load_state_dict(full, strict=False)
+        if missing or unexpected:
+            raise ConfigMismatch(f"{latest}: VAE weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def _extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.disc is None:
+            return {}
+        return {"disc": {k: v.detach().cpu() for k, v in self.disc.state_dict().items()}}
+
+    def _extra_state(self) -> dict:
+        return {"disc_optimizer": self.disc_optimizer.state_dict() if self.disc is not None else None,
+                "eval_before": json.dumps(self.eval_before)}
+
+    def _load_extra(self, weights: dict, trainer_state: dict) -> None:
         if self.disc is not None:
             self.disc.load_state_dict(weights["disc"])
-            self.disc_optimizer.load_state_dict(ts["disc_optimizer"])
-        self._load_optimizer_state(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.step, self.epoch, self.consumed = ts["step"], ts["epoch"], ts["consumed"]
-        if self.sampler is not None and ts["sampler"] is not None:
-            self.sampler.load_state_dict(ts["sampler"])
-        torch.set_rng_state(ts["torch_rng"])
-        self.eval_before = json.loads(ts["eval_before"])
-        log.info("resumed from %s at step %d", latest, self.step)
-        return True
+            self.disc_optimizer.load_state_dict(trainer_state["disc_optimizer"])
+        self.eval_before = json.loads(trainer_state["eval_before"])
+
+    def _no_checkpoint(self) -> None:
+        self.evaluate_before()
 
     # ---- evaluation and export ---------------------------------------------------------------------------
 
