@@ -328,6 +328,15 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int | None
     return n or None  # 0 means the profiler saw no device activity, not that there was none
 
 
+def peak_bytes(step: Callable[[], object]) -> int:
+    """CUDA memory high-water mark of one call of `step`."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 

@@ -152,14 +152,6 @@ def setup():
         torch.cuda.empty_cache()
 
 
-def _peak_bytes(step) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
-
-
 @pytest.mark.parametrize("mode", list(PROVIDERS))
 def test_train_step(setup: Setup, mode: str):
     s = setup
@@ -174,7 +166,7 @@ def test_train_step(setup: Setup, mode: str):
         try:
             step()  # warm up; compile compiles here, and the first step allocates the AdamW states
             if DEVICE.type == "cuda":
-                peaks[provider] = _peak_bytes(step)
+                peaks[provider] = _report.peak_bytes(step)
         except Exception as exc:  # an OOM, or torch.compile failing on a machine: the row says why
             error = _report.error_text(exc)
         if error is not None:  # outside the except block, so the failed step's frames are gone

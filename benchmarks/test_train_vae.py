@@ -65,14 +65,6 @@ def _flops(t, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def _peak_bytes(step) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
-
-
 def test_vae_train_step(trainer):
     t = trainer
     batch = next(iter(t.loader))
@@ -90,7 +82,7 @@ def test_vae_train_step(trainer):
         try:
             step()  # warm up; the first step allocates the AdamW states
             if DEVICE.type == "cuda":
-                peaks[provider] = _peak_bytes(step)
+                peaks[provider] = _report.peak_bytes(step)
         except Exception as exc:  # an OOM on a small card: the row says why
             RESULTS.add(OP, CASE, "train", provider, error=_report.error_text(exc))
             t.optimizer.zero_grad(set_to_none=True)
