@@ -140,49 +140,59 @@ def test_many_small_tiles(tiles, seq, causal, monkeypatch, triton_backend, poiso
     check_all(out, grads, q, k, v, dout, torch.float16, is_causal=causal, enable_gqa=True)
 
 
-class _Counting:
-    """Stands in for a @triton.jit kernel and counts its launches."""
+class _Spy:
+    """Stands in for a @triton.jit kernel and records the TMA flag of each launch."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.tma = kernel, []
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.tma.append(kwargs["TMA"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
-# The Hopper forward (tensor descriptors) under the interpreter: small tiles, ragged ends both ways, padded
-# head dims, GQA, diffusers' [B, L, H, D] views.
+def spy_kernels(monkeypatch) -> dict[str, _Spy]:
+    spies = {}
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        spies[name] = _Spy(getattr(attn, name))
+        monkeypatch.setattr(attn, name, spies[name])
+    return spies
+
+
+# The Hopper path (TMA tensor descriptors in the forward and in both backward loops) under the interpreter:
+# small tiles, ragged ends both ways, padded head dims, GQA, diffusers' [B, L, H, D] views.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim, seq, causal, layout", [
     (40, (61, 45), True, "bhld"), (64, (45, 61), True, "blhd"), (80, (33, 77), False, "blhd"),
     (64, (50, 50), False, "bhld"),
 ])  # fmt: skip
-def test_tma_forward(dtype, head_dim, seq, causal, layout, monkeypatch, triton_backend, poison):
+def test_tma_kernels(dtype, head_dim, seq, causal, layout, monkeypatch, triton_backend, poison):
     monkeypatch.setattr(attn, "fwd_config", lambda *a, **k: FwdConfig(32, 16, 4, 1, tma=True))
-    spy = _Counting(attn._attn_fwd_tma_kernel)
-    monkeypatch.setattr(attn, "_attn_fwd_tma_kernel", spy)
+    monkeypatch.setattr(attn, "bwd_config", lambda *a, **k: BwdConfig(16, 32, 32, 16, 4, 1, tma=True))
+    spies = spy_kernels(monkeypatch)
     q, k, v, dout = make_qkv(2, 4, *seq, head_dim, dtype, heads_kv=2, layout=layout)
     out, grads = run(scaled_dot_product_attention, q, k, v, dout, is_causal=causal, enable_gqa=True)
-    assert spy.launches == 1
+    assert all(spy.tma == [True] for spy in spies.values())
     check_all(out, grads, q, k, v, dout, dtype, is_causal=causal, enable_gqa=True)
 
 
-def test_hopper_table_takes_tma_and_falls_back_for_unaligned(monkeypatch, triton_backend, poison):
-    """With sm_90's table: aligned inputs go through the TMA kernel; rows 59 elements apart cannot (TMA needs
-    16-byte strides) and run the pointer kernel with the sm_80 tiles, still correct."""
+def test_hopper_tables_take_tma_and_fall_back_for_unaligned(monkeypatch, triton_backend, poison):
+    """With sm_90's tables: aligned inputs go through TMA; rows 59 elements apart cannot (TMA needs 16-byte
+    strides) and run the pointer loads (the forward with the sm_80 tiles), still correct."""
     monkeypatch.setattr(attn, "_arch", lambda device: 90)
-    spy = _Counting(attn._attn_fwd_tma_kernel)
-    monkeypatch.setattr(attn, "_attn_fwd_tma_kernel", spy)
+    spies = spy_kernels(monkeypatch)
     q, k, v, dout = make_qkv(1, 2, 45, 77, 64, torch.float16)
     out, grads = run(scaled_dot_product_attention, q, k, v, dout)
-    assert spy.launches == 1 and attn.tma_reason(q, k, v) is None
+    assert all(spy.tma == [True] for spy in spies.values()) and attn.tma_reason(q, k, v) is None
     check_all(out, grads, q, k, v, dout, torch.float16)
 
     q, k, v, dout = make_qkv(1, 2, 45, 77, 59, torch.float16)
     assert "multiple of 8" in attn.tma_reason(q, k, v)
     out, grads = run(scaled_dot_product_attention, q, k, v, dout)
-    assert spy.launches == 1
+    assert all(spy.tma == [True, False] for spy in spies.values())
     check_all(out, grads, q, k, v, dout, torch.float16)
 
 

@@ -61,6 +61,7 @@ class BwdConfig:
     block_n2: int  # dQ kernel: keys per inner step
     num_warps: int
     num_stages: int
+    tma: bool = False  # the inner loops load through TMA descriptors (sm_90)
 
 
 # Forward tiles per arch and BLOCK_D: (long keys, short keys). Short keys (Lk < SHORT_LK, e.g. SDXL's 77
@@ -91,10 +92,10 @@ BWD_CONFIGS = {
         128: BwdConfig(32, 64, 128, 32, 8, 2),
         256: BwdConfig(32, 32, 32, 32, 8, 1),
     },
-    90: {
-        64: BwdConfig(32, 128, 128, 32, 8, 3),
-        128: BwdConfig(16, 64, 128, 32, 8, 2),
-        256: BwdConfig(32, 32, 32, 32, 8, 1),
+    90: {  # the same tiles, with the inner loops' loads through TMA (the pointer loads when TMA cannot serve)
+        64: BwdConfig(32, 128, 128, 32, 8, 3, tma=True),
+        128: BwdConfig(16, 64, 128, 32, 8, 2, tma=True),
+        256: BwdConfig(32, 32, 32, 32, 8, 1, tma=True),
     },
 }
 PRE_BLOCK_M = 64  # rows per program of the delta = rowsum(dO ∘ O) kernel
@@ -211,20 +212,27 @@ if triton is not None:
         end_n,
         LK,
         qk_scale,
+        desc_k,  # TMA: (LK, HEAD_DIM) descriptors of K and V with (BLOCK_N, BLOCK_D) boxes; else None
+        desc_v,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start_n, end_n, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
-                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
-            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
-                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
+            if TMA:  # rows past LK and columns past HEAD_DIM arrive as zeros
+                k = desc_k.load([n0, 0])
+                v = desc_v.load([n0, 0])
+            else:
+                k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
+                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
+                v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
+                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale,
                                                  MASKED, CAUSAL, UPCAST)  # fmt: skip
         return acc, m_i, l_i
@@ -264,6 +272,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
         ALIGN: tl.constexpr,
+        TMA: tl.constexpr,  # Q, K, V and O through TMA descriptors (Hopper; ALIGN = 8 and unit stride_*d)
     ):
         # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
         # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
@@ -287,8 +296,15 @@ if triton is not None:
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
-                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)  # fmt: skip
+        desc_k = None
+        desc_v = None
+        if TMA:  # one (L, HEAD_DIM) descriptor per (batch, head) slice: any batch/head/row strides
+            desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+            desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+            q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([m0, 0])
+        else:
+            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
+                           True, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)  # fmt: skip
         qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
         lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M, BLOCK_N)
@@ -296,117 +312,21 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, 0, lo, LK, qk_scale,
-                                    False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST)  # fmt: skip
+                                    offs_m, 0, lo, LK, qk_scale, desc_k, desc_v,
+                                    False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)  # fmt: skip
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, lo, hi, LK, qk_scale,
-                                    True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST)  # fmt: skip
+                                    offs_m, lo, hi, LK, qk_scale, desc_k, desc_v,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)  # fmt: skip
 
         out = acc / l_i[:, None]
-        _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
-                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
-        _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i)
-
-    @triton.jit
-    def _fwd_blocks_tma(
-        acc,  # (BLOCK_M, BLOCK_D) float32
-        m_i,  # (BLOCK_M,) float32, running max in log2 units
-        l_i,  # (BLOCK_M,) float32, running sum
-        q,  # (BLOCK_M, BLOCK_D)
-        desc_k,  # (LK, HEAD_DIM) descriptor, (BLOCK_N, BLOCK_D) boxes
-        desc_v,
-        offs_m,
-        start_n,
-        end_n,
-        LK,
-        qk_scale,
-        MASKED: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        """`_fwd_blocks` with K and V fetched by the tensor memory accelerator: rows past LK and columns past
-        HEAD_DIM arrive as zeros, so only the score mask is left to do."""
-        for n0 in range(start_n, end_n, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = desc_k.load([n0, 0])  # (BLOCK_N, BLOCK_D)
-            v = desc_v.load([n0, 0])  # (BLOCK_N, BLOCK_D)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale,
-                                                 MASKED, CAUSAL, UPCAST)  # fmt: skip
-        return acc, m_i, l_i
-
-    @triton.jit
-    def _attn_fwd_tma_kernel(
-        q_ptr,  # (B, H, LQ, HEAD_DIM), unit head-dim stride, 16-byte aligned rows
-        k_ptr,  # (B, H // GROUP, LK, HEAD_DIM)
-        v_ptr,  # (B, H // GROUP, LK, HEAD_DIM)
-        o_ptr,  # (B, H, LQ, HEAD_DIM)
-        lse_ptr,  # (B, H, LQ) float32 contiguous, natural log
-        sm_scale,
-        H,
-        GROUP,
-        LQ,
-        LK,
-        stride_qb,
-        stride_qh,
-        stride_qm,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        stride_ob,
-        stride_oh,
-        stride_om,
-        CAUSAL: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        """The forward for Hopper: one (L, HEAD_DIM) tensor descriptor per (batch, head) slice of Q, K, V and O,
-        so any batch/head/row strides work and the ragged ends need no load masks. The launcher sends only
-        inputs whose strides are multiples of 8 elements (here pre-divided by 8) and whose head-dim stride
-        is 1, as TMA requires."""
-        stride_qm = stride_qm * 8
-        stride_kn = stride_kn * 8
-        stride_vn = stride_vn * 8
-        stride_om = stride_om * 8
-        pid_m = tl.program_id(0)
-        if CAUSAL:
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
-        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * 8
-        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * 8
-        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * 8
-        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * 8
-        desc_q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
-        desc_o = tl.make_tensor_descriptor(o_base, [LQ, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
-
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = desc_q.load([m0, 0])  # (BLOCK_M, BLOCK_D)
-        qk_scale = sm_scale * 1.4426950408889634  # log2(e)
-        lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M, BLOCK_N)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, desc_k, desc_v, offs_m, 0, lo, LK, qk_scale,
-                                        False, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
-        acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, desc_k, desc_v, offs_m, lo, hi, LK, qk_scale,
-                                        True, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
-
-        out = acc / l_i[:, None]
-        if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:
-            out = _rne_bf16(out)
-        desc_o.store([m0, 0], out.to(o_ptr.dtype.element_ty))  # rows past LQ, columns past HEAD_DIM: not written
+        if TMA:  # rows past LQ and columns past HEAD_DIM are not written
+            if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:
+                out = _rne_bf16(out)
+            desc_o = tl.make_tensor_descriptor(o_base, [LQ, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
+            desc_o.store([m0, 0], out.to(o_ptr.dtype.element_ty))
+        else:
+            _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
+                        HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
         _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i)
 
     @triton.jit
@@ -468,20 +388,27 @@ if triton is not None:
         end_m,
         LQ,
         qk_scale,
+        desc_q,  # TMA: (LQ, HEAD_DIM) descriptors of Q and dO with (BLOCK_M1, BLOCK_D) boxes; else None
+        desc_do,
         MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M1: tl.constexpr,
         UPCAST: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         offs_d = tl.arange(0, BLOCK_D)
         # The diagonal blocks are few: not pipelining them saves registers (Triton 3.6 spilled here on sm_80).
         for m0 in tl.range(start_m, end_m, BLOCK_M1, num_stages=1 if MASKED else None):
             offs_m = m0 + tl.arange(0, BLOCK_M1)
-            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
-                           True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
-            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
-                            True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
+            if TMA:  # rows past LQ and columns past HEAD_DIM arrive as zeros
+                q = desc_q.load([m0, 0])
+                do = desc_do.load([m0, 0])
+            else:
+                q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
+                               True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
+                do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+                                True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
             # Rows past LQ get lse = +inf, so their P is exactly 0 and no score mask is needed for them.
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
@@ -541,6 +468,7 @@ if triton is not None:
         BLOCK_N1: tl.constexpr,
         UPCAST: tl.constexpr,
         ALIGN: tl.constexpr,
+        TMA: tl.constexpr,  # the query-block loop loads Q and dO through TMA descriptors (ALIGN = 8, unit stride_d)
     ):
         # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
         # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
@@ -572,6 +500,11 @@ if triton is not None:
         qk_scale = sm_scale * 1.4426950408889634
         dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        desc_q = None
+        desc_do = None
+        if TMA:
+            desc_q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M1, BLOCK_D])
+            desc_do = tl.make_tensor_descriptor(do_base, [LQ, HEAD_DIM], [stride_dom, 1], [BLOCK_M1, BLOCK_D])
 
         # Query blocks [start, diag) straddle the causal diagonal of this key block; [diag, LQ) see it whole.
         diag = 0
@@ -580,10 +513,12 @@ if triton is not None:
             diag = tl.minimum(tl.cdiv(n0 + BLOCK_N1 - 1, BLOCK_M1) * BLOCK_M1, LQ)
             dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, offs_n, start, diag, LQ,
-                                      qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST)  # fmt: skip
+                                      qk_scale, desc_q, desc_do, True, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST,
+                                      TMA)  # fmt: skip
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                   stride_qm, stride_qd, stride_dom, stride_dod, offs_n, diag, LQ, LQ,
-                                  qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST)  # fmt: skip
+                                  qk_scale, desc_q, desc_do, False, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST,
+                                  TMA)  # fmt: skip
 
         dk = dk * sm_scale
         dk_off = (b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh) * ALIGN
@@ -611,20 +546,27 @@ if triton is not None:
         end_n,
         LK,
         qk_scale,
+        desc_k,  # TMA: (LK, HEAD_DIM) descriptors of K and V with (BLOCK_N2, BLOCK_D) boxes; else None
+        desc_v,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N2: tl.constexpr,
         UPCAST: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start_n, end_n, BLOCK_N2):
             offs_n = n0 + tl.arange(0, BLOCK_N2)
-            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
-                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
-            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
-                           MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
+            if TMA:
+                k = desc_k.load([n0, 0])
+                v = desc_v.load([n0, 0])
+            else:
+                k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
+                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
+                v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
+                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
             qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M2, BLOCK_N2)
             p = tl.exp2(qk - lse2[:, None])
             if MASKED:
@@ -678,6 +620,7 @@ if triton is not None:
         BLOCK_N2: tl.constexpr,
         UPCAST: tl.constexpr,
         ALIGN: tl.constexpr,
+        TMA: tl.constexpr,  # the key-block loop loads K and V through TMA descriptors (ALIGN = 8, unit stride_d)
     ):
         # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
         # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
@@ -709,15 +652,20 @@ if triton is not None:
         k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
         v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
         qk_scale = sm_scale * 1.4426950408889634
+        desc_k = None
+        desc_v = None
+        if TMA:
+            desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N2, BLOCK_D])
+            desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N2, BLOCK_D])
 
         lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M2, BLOCK_N2)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, 0, lo, LK, qk_scale,
-                            False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST)  # fmt: skip
+                            offs_m, 0, lo, LK, qk_scale, desc_k, desc_v,
+                            False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST, TMA)  # fmt: skip
         dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, lo, hi, LK, qk_scale,
-                            True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST)  # fmt: skip
+                            offs_m, lo, hi, LK, qk_scale, desc_k, desc_v,
+                            True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST, TMA)  # fmt: skip
         dq = dq * sm_scale
         dq_off = (b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh) * ALIGN
         _store_tile(dq_ptr + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, offs_m, LQ,
@@ -807,18 +755,15 @@ def _triton_forward(q, k, v, causal, scale):
     cfg = fwd_config(head_dim, lk, q.device)
     if cfg.tma and tma_reason(q, k, v, out) is not None:
         cfg = fwd_config(head_dim, lk, q.device, arch=80)
-    grid = (triton.cdiv(lq, cfg.block_m), bsz * heads)
-    flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
-                 BLOCK_N=cfg.block_n, UPCAST=interpret_upcast(q.dtype), num_warps=cfg.num_warps,
-                 num_stages=cfg.num_stages)  # fmt: skip
-    if cfg.tma:
+    strides, align = _stride_args(q, k, v, out)
+    if cfg.tma:  # tma_reason passed, so align is 8
         _ensure_allocator()
-        strides = [s // 8 for t in (q, k, v, out) for s in t.stride()[:3]]
-        _attn_fwd_tma_kernel[grid](q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides, **flags)
-    else:
-        strides, align = _stride_args(q, k, v, out)
-        _attn_fwd_kernel[grid](q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
-                               ALIGN=align, **flags)  # fmt: skip
+    _attn_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bsz * heads)](
+        q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        UPCAST=interpret_upcast(q.dtype), ALIGN=align, TMA=cfg.tma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out, lse
 
 
@@ -846,7 +791,12 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
         dv_h = torch.empty_like(dk_h)
     cfg = bwd_config(head_dim, q.device)
     strides, align = _stride_args(q, k, v, dout, dk_h, dv_h, dq)
-    flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=bd, UPCAST=interpret_upcast(q.dtype), ALIGN=align)
+    if cfg.tma and (align != 8 or tma_reason(q, k, v, dout) is not None):
+        cfg = dataclasses.replace(cfg, tma=False)
+    if cfg.tma:
+        _ensure_allocator()
+    flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=bd, UPCAST=interpret_upcast(q.dtype), ALIGN=align,
+                 TMA=cfg.tma)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _attn_bwd_dkdv_kernel[(triton.cdiv(lk, cfg.block_n1), bsz * heads)](
         q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk, *strides[:24],
@@ -899,21 +849,24 @@ def compile_specs() -> list[KernelSpec]:
                     # sm_90 also runs the sm_80 pointer tiles, for inputs TMA cannot address.
                     fwd = FWD_CONFIGS[arch][bd] + (FWD_CONFIGS[80][bd] if arch != 80 else ())
                     for c in dict.fromkeys(fwd):  # distinct, in order
-                        tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+                        tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, TMA=c.tma)
                         label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
-                        kernel = _attn_fwd_tma_kernel if c.tma else _attn_fwd_kernel
-                        specs.append(_spec(kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+                        specs.append(_spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
                     c = BWD_CONFIGS[arch][bd]
-                    tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1)
-                    label = f"{tag} M{c.block_m1} N{c.block_n1} s{c.num_stages}"
-                    specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
-                    if head_dim == bd and dtype == torch.float16:  # GQA: float32 dK/dV partials
-                        partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
-                        specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, c.num_warps,
-                                           c.num_stages, arch, partials))  # fmt: skip
-                    tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2)
-                    label = f"{tag} M{c.block_m2} N{c.block_n2} s{c.num_stages}"
-                    specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
+                    for tma in (True, False) if c.tma else (False,):  # TMA tables fall back to pointer loads
+                        suffix = " TMA" if tma else ""
+                        tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1, TMA=tma)
+                        label = f"{tag} M{c.block_m1} N{c.block_n1} s{c.num_stages}{suffix}"
+                        specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, c.num_warps, c.num_stages,
+                                           arch))  # fmt: skip
+                        if head_dim == bd and dtype == torch.float16:  # GQA: float32 dK/dV partials
+                            partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
+                            specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, c.num_warps,
+                                               c.num_stages, arch, partials))  # fmt: skip
+                        tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2, TMA=tma)
+                        label = f"{tag} M{c.block_m2} N{c.block_n2} s{c.num_stages}{suffix}"
+                        specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, c.num_warps, c.num_stages,
+                                           arch))  # fmt: skip
     return specs
 
 
