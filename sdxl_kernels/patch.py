@@ -414,41 +414,31 @@ def _is_native_switch(m: nn.Module) -> bool:
 
 
 def _resnet_block_2d_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """diffusers ResnetBlock2D.forward (0.2x–0.4x) with norm1 (and norm2 unless scale_shift) already fused with
-    the SiLU after them; `self.nonlinearity` still acts on temb, as there."""
-    hidden_states = self.norm1(input_tensor)  # GroupNorm + SiLU
-    if self.upsample is not None:
-        if hidden_states.shape[0] >= 64:
-            input_tensor = input_tensor.contiguous()
-            hidden_states = hidden_states.contiguous()
-        input_tensor = self.upsample(input_tensor)
-        hidden_states = self.upsample(hidden_states)
-    elif self.downsample is not None:
-        input_tensor = self.downsample(input_tensor)
-        hidden_states = self.downsample(hidden_states)
-    hidden_states = self.conv1(hidden_states)
+    """diffusers' ResnetBlock2D computation (0.2x–0.4x), written for the fused norms: norm1 (and norm2 unless
+    time_embedding_norm is "scale_shift") already apply the SiLU that follows them, while `self.nonlinearity`
+    still acts on temb (and after the scale-shift)."""
+    x, h = input_tensor, self.norm1(input_tensor)  # (B, C, H, W); h = SiLU(GroupNorm(x))
+    resample = self.upsample if self.upsample is not None else self.downsample
+    if resample is not None:
+        if self.upsample is not None and h.shape[0] >= 64:  # nearest upsampling needs contiguous large batches
+            x, h = x.contiguous(), h.contiguous()
+        x, h = resample(x), resample(h)
+    h = self.conv1(h)
     if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
+        temb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))[:, :, None, None]
     if self.time_embedding_norm == "scale_shift":
         if temb is None:
-            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
-        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-        hidden_states = self.norm2(hidden_states)  # plain group norm
-        hidden_states = hidden_states * (1 + time_scale) + time_shift
-        hidden_states = self.nonlinearity(hidden_states)
+            raise ValueError("ResnetBlock2D with time_embedding_norm='scale_shift' needs temb")
+        scale, shift = temb.chunk(2, dim=1)
+        h = self.nonlinearity(self.norm2(h) * (1 + scale) + shift)  # norm2: plain GroupNorm here
     else:
-        if self.time_embedding_norm == "default" and temb is not None:
-            hidden_states = hidden_states + temb
-        hidden_states = self.norm2(hidden_states)  # GroupNorm + SiLU
-    hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
+        if temb is not None and self.time_embedding_norm == "default":
+            h = h + temb
+        h = self.norm2(h)  # SiLU(GroupNorm(h))
+    h = self.conv2(self.dropout(h))
     if self.conv_shortcut is not None:
-        if self.training:
-            input_tensor = input_tensor.contiguous()
-        input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+        x = self.conv_shortcut(x.contiguous() if self.training else x)
+    return (x + h) / self.output_scale_factor
 
 
 def _sgm_resnet_block_forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -512,63 +502,45 @@ def _sgm_timestep_forward(self, t: torch.Tensor) -> torch.Tensor:
 
 
 class SDPAAttnProcessor:
-    """diffusers' AttnProcessor2_0, line for line, with `sdxl_kernels.scaled_dot_product_attention`: the same
-    group_norm, spatial_norm, norm_cross, norm_q/norm_k, residual_connection and rescale_output_factor; like
-    AttnProcessor2_0 it uses SDPA's default scale. With an attention mask our SDPA defers to PyTorch's."""
+    """The computation of diffusers' default AttnProcessor2_0 on `sdxl_kernels.scaled_dot_product_attention`:
+    spatial_norm, group_norm, norm_cross, norm_q/norm_k, residual_connection and rescale_output_factor are
+    honoured, the scale is SDPA's default. With an attention mask our SDPA hands over to PyTorch's."""
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs
+                 ) -> torch.Tensor:
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, HW, C)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
+        x = hidden_states if attn.spatial_norm is None else attn.spatial_norm(hidden_states, temb)
+        image = x.ndim == 4
+        if image:
+            _, channels, height, width = x.shape
+            x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        source = x if encoder_hidden_states is None else encoder_hidden_states
+        batch, keys = source.shape[0], source.shape[1]
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
         if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, L, D)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, S, D)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context = x  # self-attention reads the group-normed input
+        else:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)  # (B, L|S, H·D)
+        head_dim = k.shape[-1] // attn.heads
+        q, k, v = (t.unflatten(-1, (attn.heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (B, H, L|S, D)
         if attn.norm_q is not None:
-            query = attn.norm_q(query)
+            q = attn.norm_q(q)
         if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )  # (B, H, L, D)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            k = attn.norm_k(k)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, D)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, L, H·D)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if image:
+            out = out.transpose(1, 2).reshape(-1, channels, height, width)
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 # ---- public API -----------------------------------------------------------------------------------------
