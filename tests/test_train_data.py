@@ -511,3 +511,19 @@ def test_shapes_cli(tmp_path, capsys):
         "0000.png", "0000.txt", "0001.png", "0001.txt", "0002.png", "0002.txt"
     ]
     assert "wrote 3 images" in capsys.readouterr().out
+
+
+def test_holdout_splits_the_folder(tmp_path):
+    from sdxl_model.train import ImageFolderDataset, make_buckets, make_shapes_dataset
+
+    make_shapes_dataset(tmp_path, n=10, seed=2)
+    buckets = make_buckets(64, 16, 32, 128)
+    train = ImageFolderDataset(tmp_path, buckets, holdout=3)
+    held = ImageFolderDataset(tmp_path, buckets, holdout=3, split="holdout")
+    every = ImageFolderDataset(tmp_path, buckets)
+    names = lambda ds: [r.path.name for r in ds.records]  # noqa: E731
+    assert len(train) == 7 and len(held) == 3 and names(train) + names(held) == names(every)
+    with pytest.raises(ValueError, match="holdout=10"):
+        ImageFolderDataset(tmp_path, buckets, holdout=10)
+    with pytest.raises(ValueError, match="split"):
+        ImageFolderDataset(tmp_path, buckets, split="test")

@@ -458,3 +458,12 @@ def test_cli_help_sigterm_and_resume(tmp_path, shapes):
 
 if __name__ == "__main__":
     _distributed_main(*sys.argv[1:])
+
+
+def test_without_eval_data_the_last_images_are_held_out_of_training(tmp_path, shapes):
+    from sdxl_model.train.vae_loop import VAETrainer
+
+    trainer = VAETrainer(tiny(tmp_path, shapes, eval_images=3, eval_data=""))
+    files = sorted(p.name for p in (shapes / "train").rglob("*.png"))
+    trained = [r.path.name for r in trainer.dataset.records]
+    assert trained == files[:-3] and trainer.held_out and trainer.eval_x.shape[0] == 3

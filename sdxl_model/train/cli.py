@@ -21,6 +21,7 @@ HELP = {
     "min_side": "smallest bucket side (0: resolution/2)",
     "max_side": "largest bucket side (0: 2·resolution)",
     "random_crop": "random crop inside the resized image (else the centre)",
+    "holdout": "the last N images (sorted by path) of a data folder are left out of training, for evaluation",
     "cache_dir": "cache VAE moments and text embeddings here (crops then stay fixed across epochs)",
     "num_workers": "DataLoader worker processes",
     "offset_noise": "offset-noise level (sgm offset_noise_level; the paper's multi-aspect stage uses 0.05)",

@@ -66,6 +66,7 @@ class TrainConfig(ConfigFile):
     min_side: int = 0  # 0: resolution / 2
     max_side: int = 0  # 0: 2 · resolution
     random_crop: bool = True
+    holdout: int = 0  # the last N files of a data folder are not trained on (kept for evaluation)
     cache_dir: str = ""  # cache VAE moments and text embeddings here (crops fixed across epochs)
     num_workers: int = 0
     # objective

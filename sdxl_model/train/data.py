@@ -131,7 +131,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Crops are drawn from a generator seeded by (seed, epoch, index): deterministic, different each epoch
     (`set_epoch`), or fixed across epochs with `new_crop_each_epoch=False` (what a latent cache wants), or the
-    centre crop with `random_crop=False`. `bucket_ids[i]` feeds `BucketBatchSampler`.
+    centre crop with `random_crop=False`. `bucket_ids[i]` feeds `BucketBatchSampler`. `holdout=N` sets the
+    last N files (in sorted order) aside: `split="train"` reads the others, `split="holdout"` only those N.
     """
 
     def __init__(
@@ -144,6 +145,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         new_crop_each_epoch: bool = True,
         require_captions: bool = False,
         caption_ext: str = ".txt",
+        holdout: int = 0,
+        split: str = "train",
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -161,6 +164,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        if split not in ("train", "holdout"):
+            raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
+        if holdout:
+            if not 0 < holdout < len(paths):
+                raise ValueError(f"holdout={holdout} needs more than {holdout} images; {self.root} has {len(paths)}")
+            paths = paths[:-holdout] if split == "train" else paths[-holdout:]
+        elif split == "holdout":
+            raise ValueError("split='holdout' needs holdout > 0")
         records = []
         for path in paths:
             try:

@@ -80,7 +80,7 @@ def build_data(config: TrainConfig, info: D.DistInfo):
         raise ValueError("no training data: give data / --data DIR (image folder) or shard URLs")
     if Path(data).is_dir():
         ds = ImageFolderDataset(data, buckets, seed=config.seed, random_crop=config.random_crop,
-                                new_crop_each_epoch=not config.cache_dir)
+                                new_crop_each_epoch=not config.cache_dir, holdout=config.holdout)
         sampler = BucketBatchSampler(ds.bucket_ids, config.batch_size, seed=config.seed, rank=info.rank,
                                      world_size=info.world_size)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,

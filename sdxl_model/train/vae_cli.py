@@ -18,8 +18,8 @@ HELP = {
     "resolution": "crop side in pixels: each image is resized to cover it, then randomly cropped",
     "bucket_step": "0: one square crop of --resolution; else multi-aspect buckets with sides multiples of this",
     "num_workers": "DataLoader worker processes",
-    "eval_data": "held-out image folder for PSNR/SSIM before and after (default: the first training images, "
-                 "flagged as not held out)",
+    "eval_data": "held-out image folder for PSNR/SSIM before and after (default: the last --eval-images files "
+                 "of the --data folder, which are then left out of training)",
     "eval_images": "images evaluated (centre crops)",
     "inception_weights": "TorchScript Inception feature extractor (images in [0, 1] → features) for rFID; "
                          "without it rFID is skipped",

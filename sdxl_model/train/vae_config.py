@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import ConfigFile, TrainConfig
 
@@ -22,7 +23,7 @@ class VAETrainConfig(ConfigFile):
     resolution: int = 256  # crop side: images are resized to cover it, then randomly cropped
     bucket_step: int = 0  # 0: one square bucket resolution²; else multi-aspect buckets of this step
     num_workers: int = 0
-    eval_data: str = ""  # held-out image folder; "" = the first eval_images of `data` (not held out; flagged)
+    eval_data: str = ""  # held-out image folder; "" = the last eval_images files of `data`, kept out of training
     eval_images: int = 8  # images evaluated (centre crops at `resolution`)
     inception_weights: str = ""  # TorchScript Inception feature extractor for rFID; "" = rFID skipped
     # objective
@@ -60,7 +61,7 @@ class VAETrainConfig(ConfigFile):
     progress: bool = True
 
     RESUMABLE_CHANGES = ("out", "max_steps", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                         "progress", "num_workers", "data", "eval_data", "eval_images", "inception_weights")
+                         "progress", "num_workers", "data", "inception_weights")
 
     @classmethod
     def tiny(cls, **overrides) -> VAETrainConfig:
@@ -106,9 +107,10 @@ class VAETrainConfig(ConfigFile):
         square bucket resolution² (random crops), or multi-aspect buckets with `bucket_step`."""
         step = self.bucket_step or self.resolution
         sides = {} if self.bucket_step else dict(min_side=self.resolution, max_side=self.resolution)
+        holdout = self.eval_images if not self.eval_data and Path(self.data).is_dir() else 0
         return TrainConfig(data=self.data, out=self.out, resolution=self.resolution, bucket_step=step,
                            random_crop=True, num_workers=self.num_workers, batch_size=self.batch_size,
-                           seed=self.seed, **sides)
+                           seed=self.seed, holdout=holdout, **sides)
 
 
 PRESETS = {"tiny": VAETrainConfig.tiny, "sdxl": VAETrainConfig.sdxl}

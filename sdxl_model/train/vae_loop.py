@@ -96,21 +96,24 @@ def build_vae(config: VAETrainConfig) -> AutoencoderKL:
 
 
 def load_eval_images(config: VAETrainConfig) -> tuple[torch.Tensor | None, bool]:
-    """(images (N, 3, res, res) in [-1, 1] as centre crops, held_out) from `eval_data`, else from the first
-    images of `data` (not held out); (None, False) when neither is a folder."""
-    folder, held_out = (config.eval_data, True) if config.eval_data else (config.data, False)
-    if not Path(folder).is_dir():
-        if config.eval_data:
-            raise FileNotFoundError(f"eval_data {folder} is not an image folder")
+    """(images (N, 3, res, res) in [-1, 1] as centre crops, held_out): the first `eval_images` of `eval_data`,
+    else the last `eval_images` files of the `data` folder, which `data_config` keeps out of training; (None,
+    False) when there is no folder to take them from."""
+    res = config.resolution
+    if config.eval_data:
+        if not Path(config.eval_data).is_dir():
+            raise FileNotFoundError(f"eval_data {config.eval_data} is not an image folder")
+        ds = ImageFolderDataset(config.eval_data, [(res, res)], random_crop=False)
+    elif Path(config.data).is_dir():
+        log.info("no eval_data: the last %d images of %s are held out of training for evaluation",
+                 config.eval_images, config.data)
+        ds = ImageFolderDataset(config.data, [(res, res)], random_crop=False, holdout=config.eval_images,
+                                split="holdout")
+    else:
         log.warning("evaluation skipped: the training data is not a folder and no eval_data folder was given")
         return None, False
-    if not held_out:
-        log.warning("no eval_data: evaluating on the first %d training images (not a held-out set)",
-                    config.eval_images)
-    res = config.resolution
-    ds = ImageFolderDataset(folder, [(res, res)], random_crop=False)
     n = min(config.eval_images, len(ds))
-    return torch.stack([ds[i]["pixels"] for i in range(n)]), held_out
+    return torch.stack([ds[i]["pixels"] for i in range(n)]), True
 
 
 class VAETrainer(Trainer):
