@@ -15,6 +15,18 @@ class ConfigFile:
 
     RESUMABLE_CHANGES: tuple[str, ...] = ()
 
+    def check_common(self, at_least_one: tuple[str, ...]) -> None:
+        """The checks every trainer's config shares: AdamW betas as a tuple, precision, device, distributed
+        mode, and the integer fields that must be ≥ 1."""
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        for name, allowed in (("precision", ("auto", "bf16", "fp32")), ("device", ("auto", "cpu", "cuda")),
+                              ("distributed", ("ddp", "fsdp"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -124,17 +136,8 @@ class TrainConfig(ConfigFile):
         return cls(**{**base, **overrides})
 
     def __post_init__(self):
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.sample_prompts = tuple(self.sample_prompts)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "resolution", "bucket_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        self.check_common(("batch_size", "grad_accum", "max_steps", "save_every", "resolution", "bucket_step"))
         for name in ("text_dropout", "micro_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

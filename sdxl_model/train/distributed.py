@@ -103,6 +103,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, synchronize: bool = True) -> None:
+    """Leave the process group. After a normal end every rank first waits for the others: a rank that tears
+    gloo down while another still talks to it aborts ("terminate called without an active exception"). After
+    an error (`synchronize=False`) the others may never arrive, so no barrier."""
     if info.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -458,6 +458,9 @@ def train(config: TrainConfig, *, resume: bool = False, models: Models | None = 
     """Run (or, with resume, continue) training as `config` says; see `Trainer`."""
     trainer = Trainer(config, models)
     try:
-        return trainer.run(resume=resume)
-    finally:
-        D.cleanup(trainer.info)
+        result = trainer.run(resume=resume)
+    except BaseException:
+        D.cleanup(trainer.info, synchronize=False)
+        raise
+    D.cleanup(trainer.info)
+    return result

@@ -77,18 +77,9 @@ class VAETrainConfig(ConfigFile):
         return cls(**{**base, **overrides})
 
     def __post_init__(self):
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        self.check_common(("batch_size", "grad_accum", "max_steps", "save_every", "resolution", "eval_images"))
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"recon must be 'l1' or 'l2', got {self.recon!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "resolution", "eval_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start", "bucket_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")

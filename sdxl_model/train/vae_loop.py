@@ -393,6 +393,9 @@ def train_vae(config: VAETrainConfig, *, resume: bool = False, vae: AutoencoderK
     """Run (or, with resume, continue) autoencoder training as `config` says; see `VAETrainer`."""
     trainer = VAETrainer(config, vae)
     try:
-        return trainer.run(resume=resume)
-    finally:
-        D.cleanup(trainer.info)
+        result = trainer.run(resume=resume)
+    except BaseException:
+        D.cleanup(trainer.info, synchronize=False)
+        raise
+    D.cleanup(trainer.info)
+    return result
