@@ -28,9 +28,11 @@ def main(data, out, mode, accum):
         torch.distributed.all_gather_object(losses, loss)
     else:
         losses = [loss]
-    if trainer.info.is_main:
+    info = trainer.info
+    if info.is_main:
         save_file(grads, out, metadata={"loss": repr(sum(losses) / len(losses))})
-    D.cleanup(trainer.info)
+    del trainer  # DDP/FSDP modules before the process group (distributed.cleanup)
+    D.cleanup(info)
 
 
 if __name__ == "__main__":

@@ -401,9 +401,11 @@ def _distributed_main(data: str, out: str, *modes: str) -> None:
     torch.set_num_threads(1)
     for mode in modes:
         t, grads, loss = step_gradients(Path(data), f"{out}-{mode}.run", mode, accum=1)
-        if t.info.is_main:
+        info = t.info
+        if info.is_main:
             save_file(grads, f"{out}-{mode}.safetensors", metadata={"loss": repr(loss)})
-    D.cleanup(t.info)
+        del t  # DDP/FSDP modules before the process group (distributed.cleanup)
+    D.cleanup(info)
 
 
 # ---- the command line ---------------------------------------------------------------------------------------

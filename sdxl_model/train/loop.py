@@ -457,10 +457,11 @@ def _model_id(model: torch.nn.Module) -> str:
 def train(config: TrainConfig, *, resume: bool = False, models: Models | None = None) -> TrainResult:
     """Run (or, with resume, continue) training as `config` says; see `Trainer`."""
     trainer = Trainer(config, models)
+    info, finished = trainer.info, False
     try:
         result = trainer.run(resume=resume)
-    except BaseException:
-        D.cleanup(trainer.info, synchronize=False)
-        raise
-    D.cleanup(trainer.info)
+        finished = True
+    finally:
+        del trainer  # the DDP/FSDP modules go before their process group (see distributed.cleanup)
+        D.cleanup(info, synchronize=finished)
     return result

@@ -392,10 +392,11 @@ class VAETrainer(Trainer):
 def train_vae(config: VAETrainConfig, *, resume: bool = False, vae: AutoencoderKL | None = None) -> TrainResult:
     """Run (or, with resume, continue) autoencoder training as `config` says; see `VAETrainer`."""
     trainer = VAETrainer(config, vae)
+    info, finished = trainer.info, False
     try:
         result = trainer.run(resume=resume)
-    except BaseException:
-        D.cleanup(trainer.info, synchronize=False)
-        raise
-    D.cleanup(trainer.info)
+        finished = True
+    finally:
+        del trainer  # the DDP/FSDP modules go before their process group (see distributed.cleanup)
+        D.cleanup(info, synchronize=finished)
     return result
