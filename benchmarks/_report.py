@@ -693,3 +693,22 @@ def _git_commit() -> str | None:
 
 
 RESULTS = Results()
+
+
+def warm_up(op: str, case, mode: str, provider: str, step: Callable[[], object], peaks: dict | None = None) -> bool:
+    """Run `step` once (torch.compile compiles, optimizers allocate their states) and, given `peaks` (CUDA),
+    record its memory high-water mark. A failure (an OOM, a compile error) becomes the provider's error row and
+    the run goes on; returns whether the step works."""
+    error = None
+    try:
+        step()
+        if peaks is not None:
+            peaks[provider] = peak_bytes(step)
+    except Exception as exc:
+        error = error_text(exc)
+    if error is None:
+        return True
+    RESULTS.add(op, case, mode, provider, error=error)  # outside the except block: the failed frames are gone
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return False

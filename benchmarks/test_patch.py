@@ -85,12 +85,8 @@ def test_diffusers_unet_forward(case: Case):
             with torch.no_grad():
                 return model(*args, **kwargs).sample
 
-        try:
-            step()  # warm up; compile compiles here
-        except Exception as exc:  # torch.compile may fail on a machine; the row says why
-            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
-            continue
-        steps[provider] = step
+        if _report.warm_up(OP, case, "fwd", provider, step):
+            steps[provider] = step
 
     full_size = CONFIG == "sdxl_unet_config.json" and tuple(case.shape[2:]) == (128, 128)
     flops = SDXL_UNET_FLOPS_PER_IMAGE * case.shape[0] if full_size else _flops(steps["eager"])

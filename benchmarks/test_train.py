@@ -162,18 +162,8 @@ def test_train_step(setup: Setup, mode: str):
         s.unet.use_kernels(kernels)
         model = torch.compile(s.unet, dynamic=False) if provider == "compile" else s.unet
         step = s.step_fn(model, kernels)
-        error = None
-        try:
-            step()  # warm up; compile compiles here, and the first step allocates the AdamW states
-            if DEVICE.type == "cuda":
-                peaks[provider] = _report.peak_bytes(step)
-        except Exception as exc:  # an OOM, or torch.compile failing on a machine: the row says why
-            error = _report.error_text(exc)
-        if error is not None:  # outside the except block, so the failed step's frames are gone
-            RESULTS.add(OP, CASE, mode, provider, error=error)
+        if not _report.warm_up(OP, CASE, mode, provider, step, peaks if DEVICE.type == "cuda" else None):
             s.optimizer.zero_grad(set_to_none=True)
-            if DEVICE.type == "cuda":
-                torch.cuda.empty_cache()
             continue
         steps[provider] = step
     timings = _report.time_providers(OP, steps, DEVICE, wall=True)

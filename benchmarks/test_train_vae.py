@@ -79,12 +79,7 @@ def test_vae_train_step(trainer):
             t.accumulate(batches)
             t.optimizer_step()
 
-        try:
-            step()  # warm up; the first step allocates the AdamW states
-            if DEVICE.type == "cuda":
-                peaks[provider] = _report.peak_bytes(step)
-        except Exception as exc:  # an OOM on a small card: the row says why
-            RESULTS.add(OP, CASE, "train", provider, error=_report.error_text(exc))
+        if not _report.warm_up(OP, CASE, "train", provider, step, peaks if DEVICE.type == "cuda" else None):
             t.optimizer.zero_grad(set_to_none=True)
             continue
         steps[provider] = step

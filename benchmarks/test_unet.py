@@ -57,12 +57,8 @@ def _time(op: str, case: Case, model: torch.nn.Module, call, flops: float | None
             with torch.no_grad():
                 return call(fn)
 
-        try:
-            step()  # warm up; compile compiles here
-        except Exception as exc:  # torch.compile may fail on a machine; the row says why
-            RESULTS.add(op, case, "fwd", provider, error=_report.error_text(exc))
-            continue
-        steps[provider] = step
+        if _report.warm_up(op, case, "fwd", provider, step):
+            steps[provider] = step
     if flops is None:
         model.use_kernels(False)
         flops = _flops(lambda: call(model))

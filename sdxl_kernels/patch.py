@@ -340,47 +340,50 @@ class _Patcher:
             m.set_processor(SDPAAttnProcessor())
             self.replaced("attention", path, "diffusers Attention: AttnProcessor2_0 -> SDPAAttnProcessor")
 
+    def override_forward(self, kind: str, path: str, m: nn.Module, forward, why_not: str | None, what: str) -> None:
+        """Give `m` our `forward` (through a subclass, undone by unpatch) unless `why_not` says its layout does
+        not fit or it carries an instance-level forward; report either way."""
+        if why_not is None and _instance_forward(m):
+            why_not = "instance-level forward (a hook wrapper)"
+        if why_not is not None:
+            self.left(kind, path, why_not)
+            return
+        _swap_class(m, _overridden(type(m), forward), self.undo)
+        self.replaced(kind, path, what)
+
     def sgm_attention(self, path: str, m: nn.Module) -> None:
         ok = (all(isinstance(getattr(m, a, None), nn.Module) for a in ("to_q", "to_k", "to_v", "to_out"))
               and isinstance(getattr(m, "heads", None), int))
-        if not ok:
-            self.left("attention", path, f"{type(m).__name__} without to_q/to_k/to_v/to_out and an int `heads`")
-        elif _instance_forward(m):
-            self.left("attention", path, "instance-level forward (a hook wrapper)")
-        else:
-            _swap_class(m, _overridden(type(m), _cross_attention_forward), self.undo)
-            self.replaced("attention", path, f"{type(m).__name__}: forward on sdxl_kernels SDPA (masks and "
-                          "extra arguments go to the original forward)")
+        name = type(m).__name__
+        self.override_forward("attention", path, m, _cross_attention_forward,
+                              None if ok else f"{name} without to_q/to_k/to_v/to_out and an int `heads`",
+                              f"{name}: forward on sdxl_kernels SDPA (masks and extra arguments go to the "
+                              "original forward)")
 
     def sgm_attn_block(self, path: str, m: nn.Module) -> None:
         """sgm/ldm VAE AttnBlock: single-head attention over the pixels, q/k/v/proj_out 1×1 convs."""
         convs = [getattr(m, a, None) for a in ("q", "k", "v", "proj_out")]
-        if not all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in convs) or not hasattr(m, "norm"):
-            self.left("attention", path, f"{type(m).__name__} without norm and 1×1 conv q/k/v/proj_out")
-        elif _instance_forward(m):
-            self.left("attention", path, "instance-level forward (a hook wrapper)")
-        else:
-            _swap_class(m, _overridden(type(m), _sgm_attn_block_forward), self.undo)
-            self.replaced("attention", path, f"{type(m).__name__}: forward on sdxl_kernels SDPA")
+        ok = all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in convs) and hasattr(m, "norm")
+        name = type(m).__name__
+        self.override_forward("attention", path, m, _sgm_attn_block_forward,
+                              None if ok else f"{name} without norm and 1×1 conv q/k/v/proj_out",
+                              f"{name}: forward on sdxl_kernels SDPA")
 
     # -- embeddings -------------------------------------------------------------------------------------
 
     def diffusers_timesteps(self, path: str, m: nn.Module) -> None:
-        if getattr(m, "scale", 1) != 1:
-            self.left("embedding", path, f"Timesteps(scale={m.scale}): our op has no scale")
-        elif _instance_forward(m):
-            self.left("embedding", path, "instance-level forward (a hook wrapper)")
-        else:
-            _swap_class(m, _overridden(type(m), _diffusers_timesteps_forward), self.undo)
-            self.replaced("embedding", path, f"Timesteps({m.num_channels}, flip_sin_to_cos={m.flip_sin_to_cos}, "
-                          f"shift={m.downscale_freq_shift}) -> fourier_embedding")
+        scale = getattr(m, "scale", 1)
+        self.override_forward("embedding", path, m, _diffusers_timesteps_forward,
+                              None if scale == 1 else f"Timesteps(scale={scale}): our op has no scale",
+                              f"Timesteps({getattr(m, 'num_channels', '?')}, flip_sin_to_cos="
+                              f"{getattr(m, 'flip_sin_to_cos', '?')}, shift={getattr(m, 'downscale_freq_shift', '?')})"
+                              " -> fourier_embedding")
 
     def sgm_timestep(self, path: str, m: nn.Module) -> None:
-        if _instance_forward(m) or list(m.children()) or list(m.parameters(recurse=False)):
-            self.left("embedding", path, "Timestep with an unexpected layout or an instance-level forward")
-            return
-        _swap_class(m, _overridden(type(m), _sgm_timestep_forward), self.undo)
-        self.replaced("embedding", path, f"sgm Timestep({m.dim}) -> fourier_embedding")
+        plain = not list(m.children()) and not list(m.parameters(recurse=False))
+        self.override_forward("embedding", path, m, _sgm_timestep_forward,
+                              None if plain else "Timestep with unexpected children or parameters",
+                              f"sgm Timestep({getattr(m, 'dim', '?')}) -> fourier_embedding")
 
     # -- our own modules --------------------------------------------------------------------------------
 

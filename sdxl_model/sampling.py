@@ -302,12 +302,18 @@ def _callback(callback, x, i, sigma, sigma_hat, denoised):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
-def _churn(x, sigma, n_sigmas, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, sigma_next):
-    gamma = min(s_churn / (n_sigmas - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churned_slope(den, x, sigmas, i, churn, callback):
+    """Step i's start of Karras et al. 2022, Algorithm 2: raise σ_i to σ̂ = σ_i(1 + γ) with fresh noise (churn),
+    denoise there; → (x at σ̂, σ̂, the slope dx/dσ = (x - D(x))/σ̂)."""
+    s_churn, s_tmin, s_tmax, s_noise, noise_sampler = churn
+    sigma = sigmas[i]
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
-        x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-    return x, sigma_hat
+        x = x + noise_sampler(sigma, sigmas[i + 1]) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    denoised = den(x, sigma_hat)
+    _callback(callback, x, i, sigma, sigma_hat, denoised)
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,12 +325,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """Euler with optional churn (Karras et al. 2022, Algorithm 2 without the 2nd-order correction)."""
     sigmas, den, steps = _setup(model, x, sigmas, extra_args, disable)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    churn = (s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
     for i in steps:
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas), s_churn, s_tmin, s_tmax, s_noise, noise_sampler,
-                              sigmas[i + 1])
-        denoised = den(x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
-        _callback(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x, sigma_hat, d = _churned_slope(den, x, sigmas, i, churn, callback)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -351,12 +354,9 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 2); Euler on the last step to σ = 0."""
     sigmas, den, steps = _setup(model, x, sigmas, extra_args, disable)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    churn = (s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
     for i in steps:
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas), s_churn, s_tmin, s_tmax, s_noise, noise_sampler,
-                              sigmas[i + 1])
-        denoised = den(x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
-        _callback(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x, sigma_hat, d = _churned_slope(den, x, sigmas, i, churn, callback)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt

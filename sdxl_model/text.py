@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .keys import mismatch
+
 SOT_ID = 49406
 EOT_ID = 49407
 CONTEXT_LENGTH = 77
@@ -270,12 +272,9 @@ def openclip_bigg_to_hf(state: dict[str, torch.Tensor], num_layers: int = 32) ->
     """open_clip-layout bigG tensors (prefix already stripped) → `CLIPTextModelWithProjection` state dict.
     Strict: missing or unexpected names raise one error listing them."""
     kmap = openclip_bigg_key_map(num_layers)
-    missing = sorted(set(kmap) - set(state) - {"logit_scale"})
-    unexpected = sorted(set(state) - set(kmap))
-    if missing or unexpected:
-        raise KeyError(f"open_clip bigG state dict does not match: missing {missing[:10]}"
-                       f"{' …' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]}"
-                       f"{' …' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+    wrong = mismatch(set(kmap) - {"logit_scale"}, set(state) - {"logit_scale"}, show=10)  # logit_scale: optional
+    if wrong:
+        raise KeyError(f"open_clip bigG state dict does not match: {wrong}")
     out = {}
     for src, dsts in kmap.items():
         if not dsts or src not in state:

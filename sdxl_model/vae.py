@@ -22,6 +22,7 @@ from torch import nn
 import sdxl_kernels
 
 from .config import VAEConfig
+from .keys import mismatch
 from .layers import GroupNormAct, Upsample, _KernelSwitch
 
 NORM_EPS = 1e-6  # every GroupNorm of the VAE
@@ -370,12 +371,9 @@ def convert_diffusers_vae_state_dict(state: Mapping[str, torch.Tensor], config: 
     """A diffusers VAE state dict renamed to ours; Linear attention weights (C, C) become 1x1 convs
     (C, C, 1, 1). Missing and unexpected keys are reported together."""
     key_map = diffusers_vae_key_map(config)
-    missing = sorted(set(key_map) - set(state))
-    unexpected = sorted(set(state) - set(key_map))
-    if missing or unexpected:
-        raise KeyError(f"not a diffusers AutoencoderKL state dict for {config}: "
-                       f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                       f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    wrong = mismatch(key_map, state)
+    if wrong:
+        raise KeyError(f"not a diffusers AutoencoderKL state dict for {config}: {wrong}")
     out = {}
     for src, dst in key_map.items():
         t = state[src]

@@ -324,7 +324,7 @@ def test_kernels_track_eager(tmp_path, shapes):
     ours = train_vae(tiny(tmp_path / "k", shapes, max_steps=4, use_kernels=True))
     eager = train_vae(tiny(tmp_path / "e", shapes, max_steps=4, use_kernels=False))
     for a, b in zip(ours.losses, eager.losses):
-        assert math.isclose(a, b, rel_tol=2e-3), (ours.losses, eager.losses)
+        assert math.isclose(a, b, rel_tol=1e-5), (ours.losses, eager.losses)
 
 
 def test_tiny_demo_improves_held_out_psnr(tmp_path):

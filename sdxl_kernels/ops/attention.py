@@ -106,15 +106,18 @@ if triton is not None:
 
     @triton.jit
     def _load_tile(
-        ptrs,  # (ROWS, BLOCK_D) pointers
+        base,  # the (batch, head) slice
         rows,  # (ROWS,) row indices
         n_rows,
+        stride_r,
+        stride_d,
         CHECK_ROWS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """A (ROWS, BLOCK_D) tile, zero beyond n_rows (when CHECK_ROWS) and beyond HEAD_DIM."""
+        """A (ROWS, BLOCK_D) tile of rows `rows`, zero beyond n_rows (when CHECK_ROWS) and beyond HEAD_DIM."""
         cols = tl.arange(0, BLOCK_D)
+        ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_d
         if CHECK_ROWS:
             if HEAD_DIM == BLOCK_D:
                 x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
@@ -125,6 +128,27 @@ if triton is not None:
                 x = tl.load(ptrs)
             else:
                 x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        return x
+
+    @triton.jit
+    def _slice_offset(b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+        """Element offset (int64) of the (batch b, head h) slice; the strides arrive divided by ALIGN."""
+        return (b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h) * ALIGN
+
+    @triton.jit
+    def _slice_desc(base, n_rows, stride_r, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A TMA descriptor of one (n_rows, HEAD_DIM) slice with (BLOCK_R, BLOCK_D) boxes: rows past n_rows and
+        columns past HEAD_DIM read as zeros and are never written."""
+        return tl.make_tensor_descriptor(base, [n_rows, HEAD_DIM], [stride_r, 1], [BLOCK_R, BLOCK_D])
+
+    @triton.jit
+    def _load_rows(desc, base, start, rows, n_rows, stride_r, stride_d, CHECK_ROWS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+        """The tile of rows `rows` (= start + arange) through the descriptor (TMA) or by pointers."""
+        if TMA:
+            x = desc.load([start, 0])
+        else:
+            x = _load_tile(base, rows, n_rows, stride_r, stride_d, CHECK_ROWS, HEAD_DIM, BLOCK_D)
         return x
 
     @triton.jit
@@ -143,8 +167,10 @@ if triton is not None:
         return x.to(ref.dtype)
 
     @triton.jit
-    def _store_tile(ptrs, x, rows, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    def _store_tile(base, x, rows, n_rows, stride_r, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr):
         cols = tl.arange(0, BLOCK_D)
+        ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_d
         if UPCAST and ptrs.dtype.element_ty == tl.bfloat16:
             x = _rne_bf16(x)  # then the cast below is exact
         if HEAD_DIM == BLOCK_D:
@@ -222,17 +248,10 @@ if triton is not None:
         UPCAST: tl.constexpr,
         TMA: tl.constexpr,
     ):
-        offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start_n, end_n, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            if TMA:  # rows past LK and columns past HEAD_DIM arrive as zeros
-                k = desc_k.load([n0, 0])
-                v = desc_v.load([n0, 0])
-            else:
-                k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
-                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
-                v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
-                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)  # fmt: skip
+            k = _load_rows(desc_k, k_base, n0, offs_n, LK, stride_kn, stride_kd, MASKED, HEAD_DIM, BLOCK_D, TMA)
+            v = _load_rows(desc_v, v_base, n0, offs_n, LK, stride_vn, stride_vd, MASKED, HEAD_DIM, BLOCK_D, TMA)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale,
                                                  MASKED, CAUSAL, UPCAST)  # fmt: skip
         return acc, m_i, l_i
@@ -288,23 +307,21 @@ if triton is not None:
         b = pid_bh // H
         h = pid_bh % H
         hk = h // GROUP
-        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
-        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
-        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
-        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * ALIGN
+        q_base = q_ptr + _slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        k_base = k_ptr + _slice_offset(b, hk, stride_kb, stride_kh, ALIGN)
+        v_base = v_ptr + _slice_offset(b, hk, stride_vb, stride_vh, ALIGN)
+        o_base = o_ptr + _slice_offset(b, h, stride_ob, stride_oh, ALIGN)
 
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        desc_q = None
         desc_k = None
         desc_v = None
         if TMA:  # one (L, HEAD_DIM) descriptor per (batch, head) slice: any batch/head/row strides
-            desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-            desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
-            q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([m0, 0])
-        else:
-            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
-                           True, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)  # fmt: skip
+            desc_k = _slice_desc(k_base, LK, stride_kn, BLOCK_N, HEAD_DIM, BLOCK_D)
+            desc_v = _slice_desc(v_base, LK, stride_vn, BLOCK_N, HEAD_DIM, BLOCK_D)
+            desc_q = _slice_desc(q_base, LQ, stride_qm, BLOCK_M, HEAD_DIM, BLOCK_D)
+        q = _load_rows(desc_q, q_base, m0, offs_m, LQ, stride_qm, stride_qd, True, HEAD_DIM, BLOCK_D, TMA)
         qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
         lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M, BLOCK_N)
@@ -322,11 +339,10 @@ if triton is not None:
         if TMA:  # rows past LQ and columns past HEAD_DIM are not written
             if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:
                 out = _rne_bf16(out)
-            desc_o = tl.make_tensor_descriptor(o_base, [LQ, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
+            desc_o = _slice_desc(o_base, LQ, stride_om, BLOCK_M, HEAD_DIM, BLOCK_D)
             desc_o.store([m0, 0], out.to(o_ptr.dtype.element_ty))
         else:
-            _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out, offs_m, LQ,
-                        HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+            _store_tile(o_base, out, offs_m, LQ, stride_om, stride_od, HEAD_DIM, BLOCK_D, UPCAST)
         _store_lse(lse_ptr, pid_bh, LQ, offs_m, m_i, l_i)
 
     @triton.jit
@@ -359,13 +375,10 @@ if triton is not None:
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        o_base = o_ptr + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh) * ALIGN
-        do_base = do_ptr + (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
-        o = _load_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, offs_m, LQ,
-                       True, HEAD_DIM, BLOCK_D)  # fmt: skip
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
-                        True, HEAD_DIM, BLOCK_D)  # fmt: skip
+        o_base = o_ptr + _slice_offset(b, h, stride_ob, stride_oh, ALIGN)
+        do_base = do_ptr + _slice_offset(b, h, stride_dob, stride_doh, ALIGN)
+        o = _load_tile(o_base, offs_m, LQ, stride_om, stride_od, True, HEAD_DIM, BLOCK_D)
+        do = _load_tile(do_base, offs_m, LQ, stride_dom, stride_dod, True, HEAD_DIM, BLOCK_D)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         tl.store(delta_ptr + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
 
@@ -397,18 +410,11 @@ if triton is not None:
         UPCAST: tl.constexpr,
         TMA: tl.constexpr,
     ):
-        offs_d = tl.arange(0, BLOCK_D)
         # The diagonal blocks are few: not pipelining them saves registers (Triton 3.6 spilled here on sm_80).
         for m0 in tl.range(start_m, end_m, BLOCK_M1, num_stages=1 if MASKED else None):
             offs_m = m0 + tl.arange(0, BLOCK_M1)
-            if TMA:  # rows past LQ and columns past HEAD_DIM arrive as zeros
-                q = desc_q.load([m0, 0])
-                do = desc_do.load([m0, 0])
-            else:
-                q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
-                               True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
-                do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
-                                True, HEAD_DIM, BLOCK_D)  # (BLOCK_M1, BLOCK_D)  # fmt: skip
+            q = _load_rows(desc_q, q_base, m0, offs_m, LQ, stride_qm, stride_qd, True, HEAD_DIM, BLOCK_D, TMA)
+            do = _load_rows(desc_do, do_base, m0, offs_m, LQ, stride_dom, stride_dod, True, HEAD_DIM, BLOCK_D, TMA)
             # Rows past LQ get lse = +inf, so their P is exactly 0 and no score mask is needed for them.
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
@@ -486,15 +492,12 @@ if triton is not None:
         hk = h // GROUP
         n0 = pid_n * BLOCK_N1
         offs_n = n0 + tl.arange(0, BLOCK_N1)
-        offs_d = tl.arange(0, BLOCK_D)
-        k_off = (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
-        v_off = (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
-        k = _load_tile(k_ptr + k_off + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
-                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)  # fmt: skip
-        v = _load_tile(v_ptr + v_off + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
-                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)  # fmt: skip
-        q_base = q_ptr + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
-        do_base = do_ptr + (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
+        k_off = _slice_offset(b, hk, stride_kb, stride_kh, ALIGN)
+        v_off = _slice_offset(b, hk, stride_vb, stride_vh, ALIGN)
+        k = _load_tile(k_ptr + k_off, offs_n, LK, stride_kn, stride_kd, True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)
+        v = _load_tile(v_ptr + v_off, offs_n, LK, stride_vn, stride_vd, True, HEAD_DIM, BLOCK_D)  # (BLOCK_N1, BLOCK_D)
+        q_base = q_ptr + _slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        do_base = do_ptr + _slice_offset(b, h, stride_dob, stride_doh, ALIGN)
         lse_base = lse_ptr + pid_bh.to(tl.int64) * LQ
         delta_base = delta_ptr + pid_bh.to(tl.int64) * LQ
         qk_scale = sm_scale * 1.4426950408889634
@@ -503,8 +506,8 @@ if triton is not None:
         desc_q = None
         desc_do = None
         if TMA:
-            desc_q = tl.make_tensor_descriptor(q_base, [LQ, HEAD_DIM], [stride_qm, 1], [BLOCK_M1, BLOCK_D])
-            desc_do = tl.make_tensor_descriptor(do_base, [LQ, HEAD_DIM], [stride_dom, 1], [BLOCK_M1, BLOCK_D])
+            desc_q = _slice_desc(q_base, LQ, stride_qm, BLOCK_M1, HEAD_DIM, BLOCK_D)
+            desc_do = _slice_desc(do_base, LQ, stride_dom, BLOCK_M1, HEAD_DIM, BLOCK_D)
 
         # Query blocks [start, diag) straddle the causal diagonal of this key block; [diag, LQ) see it whole.
         diag = 0
@@ -521,12 +524,10 @@ if triton is not None:
                                   TMA)  # fmt: skip
 
         dk = dk * sm_scale
-        dk_off = (b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh) * ALIGN
-        dv_off = (b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh) * ALIGN
-        _store_tile(dk_ptr + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk, offs_n, LK,
-                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
-        _store_tile(dv_ptr + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv, offs_n, LK,
-                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        dk_off = _slice_offset(b, h, stride_dkb, stride_dkh, ALIGN)
+        dv_off = _slice_offset(b, h, stride_dvb, stride_dvh, ALIGN)
+        _store_tile(dk_ptr + dk_off, dk, offs_n, LK, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_D, UPCAST)
+        _store_tile(dv_ptr + dv_off, dv, offs_n, LK, stride_dvn, stride_dvd, HEAD_DIM, BLOCK_D, UPCAST)
 
     @triton.jit
     def _bwd_dq_blocks(
@@ -556,17 +557,10 @@ if triton is not None:
         UPCAST: tl.constexpr,
         TMA: tl.constexpr,
     ):
-        offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start_n, end_n, BLOCK_N2):
             offs_n = n0 + tl.arange(0, BLOCK_N2)
-            if TMA:
-                k = desc_k.load([n0, 0])
-                v = desc_v.load([n0, 0])
-            else:
-                k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, LK,
-                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
-                v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, LK,
-                               MASKED, HEAD_DIM, BLOCK_D)  # (BLOCK_N2, BLOCK_D)  # fmt: skip
+            k = _load_rows(desc_k, k_base, n0, offs_n, LK, stride_kn, stride_kd, MASKED, HEAD_DIM, BLOCK_D, TMA)
+            v = _load_rows(desc_v, v_base, n0, offs_n, LK, stride_vn, stride_vd, MASKED, HEAD_DIM, BLOCK_D, TMA)
             qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M2, BLOCK_N2)
             p = tl.exp2(qk - lse2[:, None])
             if MASKED:
@@ -639,24 +633,21 @@ if triton is not None:
         hk = h // GROUP
         m0 = pid_m * BLOCK_M2
         offs_m = m0 + tl.arange(0, BLOCK_M2)
-        offs_d = tl.arange(0, BLOCK_D)
-        q_off = (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh) * ALIGN
-        do_off = (b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh) * ALIGN
-        q = _load_tile(q_ptr + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ,
-                       True, HEAD_DIM, BLOCK_D)  # (BLOCK_M2, BLOCK_D)  # fmt: skip
-        do = _load_tile(do_ptr + do_off + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
-                        True, HEAD_DIM, BLOCK_D)  # (BLOCK_M2, BLOCK_D)  # fmt: skip
+        q_off = _slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        do_off = _slice_offset(b, h, stride_dob, stride_doh, ALIGN)
+        q = _load_tile(q_ptr + q_off, offs_m, LQ, stride_qm, stride_qd, True, HEAD_DIM, BLOCK_D)  # (BLOCK_M2, BLOCK_D)
+        do = _load_tile(do_ptr + do_off, offs_m, LQ, stride_dom, stride_dod, True, HEAD_DIM, BLOCK_D)
         rows = lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m
         lse2 = tl.load(rows, mask=offs_m < LQ, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-        k_base = k_ptr + (b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh) * ALIGN
-        v_base = v_ptr + (b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh) * ALIGN
+        k_base = k_ptr + _slice_offset(b, hk, stride_kb, stride_kh, ALIGN)
+        v_base = v_ptr + _slice_offset(b, hk, stride_vb, stride_vh, ALIGN)
         qk_scale = sm_scale * 1.4426950408889634
         desc_k = None
         desc_v = None
         if TMA:
-            desc_k = tl.make_tensor_descriptor(k_base, [LK, HEAD_DIM], [stride_kn, 1], [BLOCK_N2, BLOCK_D])
-            desc_v = tl.make_tensor_descriptor(v_base, [LK, HEAD_DIM], [stride_vn, 1], [BLOCK_N2, BLOCK_D])
+            desc_k = _slice_desc(k_base, LK, stride_kn, BLOCK_N2, HEAD_DIM, BLOCK_D)
+            desc_v = _slice_desc(v_base, LK, stride_vn, BLOCK_N2, HEAD_DIM, BLOCK_D)
 
         lo, hi = _key_range(m0, LK, CAUSAL, BLOCK_M2, BLOCK_N2)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
@@ -667,9 +658,8 @@ if triton is not None:
                             offs_m, lo, hi, LK, qk_scale, desc_k, desc_v,
                             True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N2, UPCAST, TMA)  # fmt: skip
         dq = dq * sm_scale
-        dq_off = (b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh) * ALIGN
-        _store_tile(dq_ptr + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, offs_m, LQ,
-                    HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        dq_off = _slice_offset(b, h, stride_dqb, stride_dqh, ALIGN)
+        _store_tile(dq_ptr + dq_off, dq, offs_m, LQ, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_D, UPCAST)
 
 
 # ---- launch configuration ----------------------------------------------------------------------------------

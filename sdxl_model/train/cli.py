@@ -58,7 +58,7 @@ HELP = {
 }
 
 
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "device": ("auto", "cpu", "cuda")}  # every trainer
 
 
 def _flag(name: str) -> str:
@@ -92,19 +92,32 @@ def config_from_flags(args: argparse.Namespace, cls, presets: dict):
     return cls.from_dict(given, base=cfg)
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train or fine-tune the SDXL UNet",
-                       description="Train the SDXL UNet on an image folder or webdataset shards. Settings come "
-                                   "from --preset, then --config FILE, then the flags; every flag below is a "
-                                   "TrainConfig field.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="starting settings: tiny (random tiny models, the CPU demo) or sdxl (fine-tune --model)")
-    p.add_argument("--config", help="TOML or JSON file of TrainConfig fields, applied over the preset")
+def add_command(sub, name: str, cls, presets: dict, helps: dict[str, str], *, help: str, description: str,
+                preset_help: str, choices: dict[str, tuple] | None = None) -> argparse.ArgumentParser:
+    """A trainer's subcommand: --preset, --config, --resume, -v, then one flag per field of `cls`."""
+    p = sub.add_parser(name, help=help, description=description + " Settings come from --preset, then --config "
+                       f"FILE, then the flags; every flag below is a {cls.__name__} field.")
+    p.add_argument("--preset", choices=sorted(presets), default=None, help=preset_help)
+    p.add_argument("--config", help=f"TOML or JSON file of {cls.__name__} fields, applied over the preset")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in --out (the config must match it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    add_config_flags(p, TrainConfig, HELP, CHOICES)
+    add_config_flags(p, cls, helps, {**CHOICES, **(choices or {})})
     return p
+
+
+def standalone_main(command: str, add_parser, run, argv=None) -> int:
+    """`python -m <module> ARGS` = `sdxl COMMAND ARGS`."""
+    parser = argparse.ArgumentParser(prog="sdxl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    return add_command(sub, "train", TrainConfig, PRESETS, HELP, help="train or fine-tune the SDXL UNet",
+                       description="Train the SDXL UNet on an image folder or webdataset shards.",
+                       preset_help="starting settings: tiny (random tiny models, the CPU demo) or sdxl "
+                                   "(fine-tune --model)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -142,11 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sdxl_model.train.cli ARGS` = `sdxl train ARGS`."""
-    parser = argparse.ArgumentParser(prog="sdxl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)]))
+    return standalone_main("train", add_parser, run, argv)
 
 
 if __name__ == "__main__":

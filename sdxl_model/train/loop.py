@@ -21,6 +21,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..conditioning import build_adm_vector
+from ..keys import names_text
 from . import distributed as D
 from . import objective, state
 from .buckets import make_buckets
@@ -225,16 +226,23 @@ class Trainer:
     weights_name = "unet"
     command = "sdxl train"
 
+    sharded_prefix = ""  # where the trained module's names sit in `self.model`'s state dict
+
+    def trained_module(self) -> torch.nn.Module:
+        return self.unet
+
     def _trained_state(self) -> dict[str, torch.Tensor]:
-        return D.full_state_dict(self.model)
+        return D.full_state_dict(self.trained_module())
 
     def _load_trained(self, full: dict[str, torch.Tensor], latest: Path) -> None:
         if self.config.distributed == "fsdp" and self.info.distributed:
-            self._load_sharded(full)
+            self._load_sharded({self.sharded_prefix + k: v for k, v in full.items()})
             return
-        missing, unexpected = self.unet.load_state_dict(full, strict=False)
+        module = self.trained_module()
+        missing, unexpected = module.load_state_dict(full, strict=False)
         if missing or unexpected:
-            raise ConfigMismatch(f"{latest}: UNet weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ConfigMismatch(f"{latest}: {type(module).__name__} weights do not fit (missing "
+                                 f"{names_text(missing, 3)}, unexpected {names_text(unexpected, 3)})")
 
     def _extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {}
@@ -364,7 +372,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.unet)
+            self.ema.update(self.trained_module())
 
     def run(self, resume: bool = False) -> TrainResult:
         cfg, info = self.config, self.info
@@ -456,12 +464,17 @@ def _model_id(model: torch.nn.Module) -> str:
 
 def train(config: TrainConfig, *, resume: bool = False, models: Models | None = None) -> TrainResult:
     """Run (or, with resume, continue) training as `config` says; see `Trainer`."""
-    trainer = Trainer(config, models)
+    return run_trainer(Trainer(config, models), resume)
+
+
+def run_trainer(trainer: Trainer, resume: bool) -> TrainResult:
+    """`trainer.run`, then leave the process group; the caller keeps no reference, so the DDP/FSDP modules
+    are gone before it (see distributed.cleanup)."""
     info, finished = trainer.info, False
     try:
         result = trainer.run(resume=resume)
         finished = True
     finally:
-        del trainer  # the DDP/FSDP modules go before their process group (see distributed.cleanup)
+        del trainer
         D.cleanup(info, synchronize=finished)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_config_flags, config_from_flags, run_command
+from .cli import add_command, config_from_flags, run_command, standalone_main
 from .vae_config import PRESETS, VAETrainConfig
 
 HELP = {
@@ -56,25 +56,13 @@ HELP = {
     "progress": "progress bar with loss and images/s",
 }
 
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "distributed": ("ddp", "fsdp"), "device": ("auto", "cpu", "cuda"),
-           "recon": ("l1", "l2")}
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train-vae", help="train or fine-tune the SDXL autoencoder (with EMA)",
+    return add_command(sub, "train-vae", VAETrainConfig, PRESETS, HELP, choices={"recon": ("l1", "l2")},
+                       help="train or fine-tune the SDXL autoencoder (with EMA)",
                        description="Train the SDXL VAE (AutoencoderKL) on an image folder or webdataset shards: "
-                                   "L1/L2 + KL, optional perceptual and PatchGAN terms, EMA. Settings come from "
-                                   "--preset, then --config FILE, then the flags; every flag below is a "
-                                   "VAETrainConfig field.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="starting settings: tiny (random tiny VAE, 32² crops, the CPU demo) or sdxl (the SDXL "
-                        "VAE at 256² crops; --model to fine-tune)")
-    p.add_argument("--config", help="TOML or JSON file of VAETrainConfig fields, applied over the preset")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in --out (the config must match it)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    add_config_flags(p, VAETrainConfig, HELP, CHOICES)
-    return p
+                                   "L1/L2 + KL, optional perceptual and PatchGAN terms, EMA.",
+                       preset_help="starting settings: tiny (random tiny VAE, 32² crops, the CPU demo) or sdxl "
+                                   "(the SDXL VAE at 256² crops; --model to fine-tune)")
 
 
 def _done(cfg: VAETrainConfig, result) -> str:
@@ -91,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sdxl_model.train.vae_cli ARGS` = `sdxl train-vae ARGS`."""
-    parser = argparse.ArgumentParser(prog="sdxl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(["train-vae", *(sys.argv[1:] if argv is None else argv)]))
+    return standalone_main("train-vae", add_parser, run, argv)
 
 
 if __name__ == "__main__":

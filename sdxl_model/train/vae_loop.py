@@ -34,7 +34,7 @@ from . import metrics
 from . import vae_losses as L
 from .data import ImageFolderDataset, derive_seed
 from .ema import EMA
-from .loop import ConfigMismatch, Trainer, TrainResult, build_data
+from .loop import Trainer, TrainResult, build_data, run_trainer
 from .runtime import atomic_save, image_grid
 from .vae_config import VAETrainConfig
 
@@ -228,15 +228,8 @@ class VAETrainer(Trainer):
 
     def optimizer_step(self) -> None:
         """Clip, AdamW and the learning-rate schedule for the autoencoder, EMA; AdamW for the discriminator."""
-        adversarial = self.adversarial()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.vae)
-        if adversarial:
+        super().optimizer_step()
+        if self.adversarial():
             self.disc_optimizer.step()
             self.disc_optimizer.zero_grad(set_to_none=True)
 
@@ -258,16 +251,10 @@ class VAETrainer(Trainer):
     weights_name = "vae"
     command = "train-vae"
 
-    def _trained_state(self) -> dict[str, torch.Tensor]:
-        return D.full_state_dict(self.vae)
+    sharded_prefix = "vae."  # self.model is Reconstruct(vae)
 
-    def _load_trained(self, full: dict[str, torch.Tensor], latest: Path) -> None:
-        if self.config.distributed == "fsdp" and self.info.distributed:
-            self._load_sharded({f"vae.{k}": v for k, v in full.items()})
-            return
-        missing, unexpected = self.vae.load_state_dict(full, strict=False)
-        if missing or unexpected:
-            raise ConfigMismatch(f"{latest}: VAE weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    def trained_module(self) -> torch.nn.Module:
+        return self.vae
 
     def _extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         if self.disc is None:
@@ -391,12 +378,4 @@ class VAETrainer(Trainer):
 
 def train_vae(config: VAETrainConfig, *, resume: bool = False, vae: AutoencoderKL | None = None) -> TrainResult:
     """Run (or, with resume, continue) autoencoder training as `config` says; see `VAETrainer`."""
-    trainer = VAETrainer(config, vae)
-    info, finished = trainer.info, False
-    try:
-        result = trainer.run(resume=resume)
-        finished = True
-    finally:
-        del trainer  # the DDP/FSDP modules go before their process group (see distributed.cleanup)
-        D.cleanup(info, synchronize=finished)
-    return result
+    return run_trainer(VAETrainer(config, vae), resume)
