@@ -1,15 +1,18 @@
 """Benchmarks run only with `--benchmark`; otherwise every item here is skipped, so a plain `pytest` stays fast.
 
-At the end of a session that measured something, the tables are written (see _report.py) and printed in the
+At the end of a session that measured something, the tables are written (see results.py) and printed in the
 terminal summary, so `-s` is not needed to see them.
 """
+import os
 import pathlib
 
 import pytest
 
-from . import _report
+from . import environment
+from .results import RESULTS
 
 HERE = pathlib.Path(__file__).resolve().parent
+JSONL_ENV = "SDXL_BENCH_JSONL"  # stream rows to this results.jsonl (its folder) as they are added
 
 
 def pytest_addoption(parser):
@@ -33,7 +36,14 @@ def _enabled(config) -> bool:
 
 def pytest_configure(config):
     if _enabled(config):
-        _report.configure_threads()
+        environment.configure_threads()
+        stream = os.environ.get(JSONL_ENV)
+        if stream:  # the GPU quick pass's compile suite: every row to its results.jsonl as it is measured
+            from .gpu_quick.log import RowLog
+
+            device = environment.bench_device()
+            RESULTS.sink = RowLog(pathlib.Path(stream).parent, os.environ.get("SDXL_BENCH_STEP", "pytest"),
+                                  device.type).sink()  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,15 +56,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _report.RESULTS.rows:
-        _report.RESULTS.write(_report.bench_device())
+    if RESULTS.rows:
+        RESULTS.write(environment.bench_device())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    results = _report.RESULTS
+    results = RESULTS
     if not results.rows:
         return
-    env = results.env or _report.environment(_report.bench_device())
+    env = results.env or environment.environment(environment.bench_device())
     terminalreporter.write_sep("=", "sdxl-kernels benchmarks")
     for op in results.ops():
         terminalreporter.write_line(results.markdown(op, env))

@@ -34,12 +34,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment, timing
+from .driver import Bench, Inputs
+from .results import RESULTS, Case
 
 OP = "attention"  # the tables' and files' name
 BACKEND_OP = "scaled_dot_product_attention"  # sdxl_kernels.backends' name for the op
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 MODES = ("fwd", "bwd", "fwd+bwd")
 SWEEP_MODES = ("fwd", "bwd")
 PROVIDERS = ("ours-triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
@@ -122,23 +123,9 @@ def ours(q, k, v):
     return sdxl_kernels.scaled_dot_product_attention(q, k, v)
 
 
-def served_by() -> str | None:
-    import sdxl_kernels
-
-    return sdxl_kernels.last_backend(BACKEND_OP)
-
-
 def provider_skip_reason(provider: str, case: Case) -> str | None:
-    """None if `provider` applies to `case` on this device, else why not (the table's note)."""
-    if provider.startswith("ours-"):
-        reason = _report.skip_reason(provider, DEVICE)
-        if reason is not None:
-            return reason
-        import sdxl_kernels
-
-        if not hasattr(sdxl_kernels, "scaled_dot_product_attention"):
-            return "sdxl_kernels.scaled_dot_product_attention does not exist in this checkout (not landed yet)"
-        return None
+    """None if `provider` applies to `case` on this device, else why not (the table's note); our own
+    providers' availability is the driver's to judge."""
     if DEVICE.type == "cpu" and provider in SDPA_BACKENDS and provider not in CPU_SDPA_BACKENDS:
         return "PyTorch has no such SDPA backend for CPU tensors"
     if provider in SDPA_BACKENDS:
@@ -167,7 +154,7 @@ def shape_name(case: Case) -> str:
     return "×".join(map(str, case.shape)) + f" {case.layout}"
 
 
-def make_inputs(case: Case):
+def make_inputs(case: Case) -> Inputs:
     """q (B, H, Lq, D), k and v (B, H, Lk, D), do like q; "blhd": views of (B, L, H, D) tensors, as diffusers."""
     torch.manual_seed(0)
     b, h, lq, lk, d = case.shape
@@ -177,7 +164,7 @@ def make_inputs(case: Case):
             return torch.randn(b, n, h, d, device=DEVICE, dtype=case.dtype).transpose(1, 2)  # (B, H, n, D)
         return torch.randn(b, h, n, d, device=DEVICE, dtype=case.dtype)
 
-    return make(lq), make(lk), make(lk), make(lq)
+    return Inputs((make(lq), make(lk), make(lk)), grad=make(lq))
 
 
 def flops(mode: str, case: Case) -> float:
@@ -186,12 +173,12 @@ def flops(mode: str, case: Case) -> float:
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def build_step(provider: str, mode: str, fn, q, k, v, do):
-    """_report.mode_step(), with PyTorch's warnings on why an SDPA backend was not used added to the error it raises."""
-    with warnings.catch_warnings(record=True) as caught, _report.forced_backend(BACKEND_OP, provider):
+def build_step(bench: Bench, mode: str, provider: str, fn, inputs: Inputs):
+    """timing.mode_step(), with PyTorch's warnings on why an SDPA backend was not used added to the error it raises."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return _report.mode_step(mode, fn, (q, k, v), do)
+            return timing.mode_step(mode, fn, inputs.args, inputs.grad)
         except Exception as exc:
             why = [" ".join(str(w.message).split()) for w in caught]  # "Flash attention kernel not used because…"
             if not why:
@@ -204,12 +191,13 @@ def build_step(provider: str, mode: str, fn, q, k, v, do):
 ATOL_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
 
-def check_close(fn, q, k, v):
+def check_close(fn, inputs: Inputs):
     """Times of a wrong kernel are worthless: one forward against an fp32 math-SDPA reference first, within 2×
     the error SDPA's default makes in the same dtype (+ a floor). Long cases compare a strided sample of query
     rows (plus the last ones, where a tail block is masked); each row's output depends on its own query only."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    q, k, v = inputs.args
     lq = q.shape[2]
     stride = -(-lq // REF_MAX_ROWS)
     rows = torch.tensor(sorted(set(range(0, lq, stride)) | set(range(max(0, lq - 64), lq))), device=q.device)
@@ -231,11 +219,12 @@ def check_close(fn, q, k, v):
 _SDPA_PICKS: dict[str, list[str]] = {}  # kernel names -> cases where "sdpa" ran them
 
 
-def note_sdpa_pick(case: Case, fn) -> None:
+def note_sdpa_pick(case: Case, mode: str, steps: dict) -> None:
     """Name the kernels "sdpa" launches for this case's forward (CUDA; torch.profiler), so "× sdpa" can be read as
     "× flash", "× cuDNN"...; one note per set of kernels."""
-    if DEVICE.type != "cuda":
+    if DEVICE.type != "cuda" or mode != "fwd" or "sdpa" not in steps:
         return
+    fn = steps["sdpa"]
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -259,69 +248,37 @@ def _kernel_name(name: str, limit: int = 60) -> str:
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
 
-def time_steps(steps: dict) -> dict[str, "_report.Timing | Exception"]:
-    """Timings per provider; on CUDA each provider alone, so one that fails (out of memory) costs only its row."""
-    if DEVICE.type != "cuda":
-        try:
-            return _report.time_providers(BACKEND_OP, steps, DEVICE)  # interleaved: all providers at once
-        except Exception as exc:
-            return {provider: exc for provider in steps}
-    out = {}
-    for provider, fn in steps.items():
-        try:
-            out |= _report.time_providers(
-                BACKEND_OP, {provider: fn}, DEVICE, warmup_ms=CUDA_WARMUP_MS, rep_ms=CUDA_REP_MS
-            )
-        except Exception as exc:
-            out[provider] = exc
-            torch.cuda.empty_cache()
-    return out
+def tma_path(provider: str, case: Case, inputs: Inputs) -> str | None:
+    """Which loads our forward takes for these inputs ("tma" or "pointers"), as the launcher decides."""
+    from sdxl_kernels.ops import attention
+
+    return attention.forward_path(*inputs.args)
+
+
+def bench(cases: dict[Case, tuple[str, ...]] | None = None, **overrides) -> Bench:
+    """The attention benchmark over `cases` ({case: modes}; default: this device's CASES)."""
+    cases = CASES if cases is None else cases
+    fields = dict(
+        op=OP, backend_op=BACKEND_OP, providers=PROVIDERS, make_inputs=make_inputs, provider_fn=provider_fn,
+        modes=lambda case: cases[case], skip=provider_skip_reason, check=check_close, build=build_step,
+        work=lambda mode, case, inputs: {"flops": flops(mode, case)}, one_by_one=True,
+        after_build=note_sdpa_pick, warmup_ms=CUDA_WARMUP_MS, rep_ms=CUDA_REP_MS, serves=tma_path,
+    )  # fmt: skip
+    return Bench(**(fields | overrides))
+
+
+def notes(results=RESULTS) -> None:
+    results.set_baseline(OP, "sdpa")
+    results.note(OP, "shape is B×H×Lq×Lk×D; layout blhd: [B, L, H, D] tensors transposed to [B, H, L, D] "
+                     "(as diffusers calls SDPA), bhld: contiguous [B, H, L, D]")  # fmt: skip
+    if DEVICE.type == "cuda":
+        results.note(OP, f"timing: do_bench median with warmup {CUDA_WARMUP_MS} ms, rep {CUDA_REP_MS} ms")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_attention(case: Case):
-    RESULTS.set_baseline(OP, "sdpa")
-    RESULTS.note(OP, "shape is B×H×Lq×Lk×D; layout blhd: [B, L, H, D] tensors transposed to [B, H, L, D] "
-                     "(as diffusers calls SDPA), bhld: contiguous [B, H, L, D]")  # fmt: skip
-    if DEVICE.type == "cuda":
-        RESULTS.note(OP, f"timing: do_bench median with warmup {CUDA_WARMUP_MS} ms, rep {CUDA_REP_MS} ms")
+    notes()
     register_targets()
-    q, k, v, do = make_inputs(case)
-
-    providers = _report.pick_providers(OP, PROVIDERS, lambda p: provider_skip_reason(p, case), provider_fn)
-    failures = []
-    for provider in [p for p in providers if p.startswith("ours-")]:
-        try:
-            with _report.forced_backend(BACKEND_OP, provider):
-                check_close(providers[provider], q, k, v)
-                served = served_by()
-                assert served == provider.removeprefix("ours-"), f"served by {served!r}"
-        except Exception as exc:  # a wrong or crashing kernel: its times would be meaningless
-            failures.append(f"{provider} {shape_name(case)}: {_report.error_text(exc)}")
-            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
-            del providers[provider]
-
-    for mode in CASES[case]:
-        steps = {}
-        for provider, fn in providers.items():
-            try:
-                steps[provider] = build_step(provider, mode, fn, q, k, v, do)
-            except Exception as exc:  # an SDPA backend that refuses the case; ours must not
-                RESULTS.add(OP, case, mode, provider, error=_report.error_text(exc))
-                if provider.startswith("ours-"):
-                    failures.append(f"{provider} {mode} {shape_name(case)}: {_report.error_text(exc)}")
-                if DEVICE.type == "cuda":
-                    torch.cuda.empty_cache()
-        if mode == "fwd" and "sdpa" in steps:
-            note_sdpa_pick(case, steps["sdpa"])
-        for provider, timing in time_steps(steps).items():
-            if isinstance(timing, Exception):
-                RESULTS.add(OP, case, mode, provider, error=_report.error_text(timing))
-            else:
-                RESULTS.add(OP, case, mode, provider, timing, flops=flops(mode, case))
-        del steps
-    del q, k, v, do
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
+    failures = driver.run(bench(), case, RESULTS, DEVICE)
     if failures:
         pytest.fail("\n".join(failures))

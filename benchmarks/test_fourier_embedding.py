@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment
+from .driver import Bench, Inputs
+from .results import RESULTS, Case
 
 OP = "fourier_embedding"
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 PROVIDERS = ("eager", "ours-triton", "ours-cuda", "ours-cpu")
 MICRO_COND = Case((2, 6, 256), torch.float32)  # values (B, N), dim
 TIMESTEP = Case((2, 320), torch.float32)  # t (B,), dim
@@ -60,38 +61,39 @@ def ours(values, dim):
     return sdxl_kernels.fourier_embedding(values, dim)
 
 
-def make_values(case: Case) -> tuple[torch.Tensor, int]:
-    if case == MICRO_COND:  # (original h, w), (crop top, left), (target h, w) for two images
+def make_inputs(case: Case) -> Inputs:
+    if case.shape == MICRO_COND.shape:  # (original h, w), (crop top, left), (target h, w) for two images
         rows = [[1024, 1024, 0, 0, 1024, 1024], [896, 1152, 64, 0, 1024, 1024]]
-        return torch.tensor(rows, dtype=torch.float32, device=DEVICE), case.shape[-1]
-    return torch.tensor([999.0, 421.5], device=DEVICE), case.shape[-1]
+        return Inputs((torch.tensor(rows, dtype=torch.float32, device=DEVICE), case.shape[-1]))
+    return Inputs((torch.tensor([999.0, 421.5], device=DEVICE), case.shape[-1]))
+
+
+def check_close(fn, inputs: Inputs) -> None:
+    # arguments up to 1024 rad in float32: sin/cos implementations differ by a few ulps
+    torch.testing.assert_close(fn(*inputs.args), eager(*inputs.args), atol=1e-4, rtol=0)
+
+
+def traffic(mode: str, case: Case, inputs: Inputs) -> dict:
+    values, dim = inputs.args
+    out_elems = values.numel() * dim
+    return {"nbytes": values.numel() * values.element_size() + out_elems * 4}
+
+
+def build(bench: Bench, mode: str, provider: str, fn, inputs: Inputs):
+    return lambda: fn(*inputs.args)
+
+
+def bench(**overrides) -> Bench:
+    fields = dict(
+        op=OP, providers=PROVIDERS, make_inputs=make_inputs, provider_fn=lambda p: ours if p.startswith("ours-") else eager,
+        check=check_close, build=build, work=traffic, wall=True, launches=("fwd",),
+    )  # fmt: skip
+    return Bench(**(fields | overrides))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fourier_embedding(case: Case):
     RESULTS.target(OP, MICRO_COND, "fwd", TARGET, f"micro-conditioning 2×6×256 on {DEVICE.type}")
-    values, dim = make_values(case)
-    want = eager(values, dim)
-    steps, failures = {}, []
-    for provider in PROVIDERS:
-        reason = _report.skip_reason(provider, DEVICE)
-        if reason is not None:
-            RESULTS.note(OP, f"{provider}: not measured, {reason}")
-            continue
-        fn = ours if provider.startswith("ours-") else eager
-        try:
-            with _report.forced_backend(OP, provider):
-                # arguments up to 1024 rad in float32: sin/cos implementations differ by a few ulps
-                torch.testing.assert_close(fn(values, dim), want, atol=1e-4, rtol=0)
-        except Exception as exc:  # a wrong or crashing kernel: its times would be meaningless
-            failures.append(f"{provider}: {_report.error_text(exc)}")
-            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
-            continue
-        steps[provider] = lambda fn=fn: fn(values, dim)
-    nbytes = values.numel() * values.element_size() + want.numel() * want.element_size()
-    for provider, timing in _report.time_providers(OP, steps, DEVICE, wall=True).items():
-        with _report.forced_backend(OP, provider):
-            launches = _report.count_launches(steps[provider], DEVICE)
-        RESULTS.add(OP, case, "fwd", provider, timing, nbytes=nbytes, launches=launches)
+    failures = driver.run(bench(), case, RESULTS, DEVICE)
     if failures:
         pytest.fail("\n".join(failures))

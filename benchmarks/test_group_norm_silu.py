@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment, timing
+from .driver import Bench, Inputs
+from .results import RESULTS, Case, Results
 
 OP = "group_norm_silu"
 GROUPS = 32
 EPS = 1e-5
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 MODES = ("fwd", "bwd", "fwd+bwd")
 LAYOUTS = ("nchw", "channels_last")
 
@@ -46,8 +47,8 @@ def ours(x, weight, bias):
     return sdxl_kernels.group_norm_silu(x, GROUPS, weight, bias, EPS)
 
 
-def make_inputs(case: Case):
-    """x, weight, bias, dy on DEVICE in the case's dtype; x and dy in the case's memory format."""
+def make_inputs(case: Case) -> Inputs:
+    """(x, weight, bias) and dy on DEVICE in the case's dtype; x and dy in the case's memory format."""
     torch.manual_seed(0)
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     c = case.shape[1]
@@ -55,18 +56,20 @@ def make_inputs(case: Case):
     weight = (1 + 0.1 * torch.randn(c, device=DEVICE)).to(case.dtype)
     bias = (0.1 * torch.randn(c, device=DEVICE)).to(case.dtype)
     dy = torch.randn_like(x)  # keeps x's memory format
-    return x, weight, bias, dy
+    return Inputs((x, weight, bias), grad=dy)
 
 
-def traffic(mode: str, x: torch.Tensor) -> int:
+def traffic(mode: str, case: Case, inputs: Inputs) -> dict:
+    x = inputs.args[0]
     e, c = x.element_size(), x.shape[1]
     fwd = 2 * x.numel() * e + 2 * c * e
     bwd = 3 * x.numel() * e + 4 * c * e
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"nbytes": {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]}
 
 
-def check_close(fn, x, weight, bias):
+def check_close(fn, inputs: Inputs):
     """Times of a wrong kernel are worthless: one forward against eager first."""
+    x, weight, bias = inputs.args
     with torch.no_grad():
         got, want = fn(x, weight, bias), eager(x, weight, bias)
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[x.dtype]
@@ -84,42 +87,24 @@ def provider_fn(provider: str):
     return ours if provider.startswith("ours-") else eager
 
 
+def copy_row(case: Case, inputs: Inputs, results: Results) -> None:
+    """The yardstick: a copy of the same bytes as x, read once and written once ("% of copy")."""
+    x = inputs.args[0]
+    dst = torch.empty_like(x)
+    copy = timing.time_providers(OP, {"copy": lambda: dst.copy_(x)}, DEVICE)["copy"]
+    results.add(OP, case, "copy", "copy", copy, nbytes=2 * x.numel() * x.element_size())
+
+
+def bench(cases=None, **overrides) -> Bench:
+    fields = dict(
+        op=OP, providers=PROVIDERS, make_inputs=make_inputs, provider_fn=provider_fn, modes=lambda case: MODES,
+        check=check_close, work=traffic, launches=("fwd",), before=copy_row,
+    )  # fmt: skip
+    return Bench(**(fields | overrides))
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_group_norm_silu(case: Case):
-    x, weight, bias, dy = make_inputs(case)
-    dst = torch.empty_like(x)  # the yardstick: the same bytes as x, read once and written once
-    copy = _report.time_providers(OP, {"copy": lambda: dst.copy_(x)}, DEVICE)["copy"]
-    RESULTS.add(OP, case, "copy", "copy", copy, nbytes=2 * x.numel() * x.element_size())
-    del dst
-
-    providers = _report.pick_providers(OP, PROVIDERS, lambda p: _report.skip_reason(p, DEVICE), provider_fn)
-    failures = []
-    for provider in [p for p in providers if p.startswith("ours-")]:
-        try:
-            with _report.forced_backend(OP, provider):
-                check_close(providers[provider], x, weight, bias)
-        except Exception as exc:  # a wrong or crashing kernel: its times would be meaningless
-            failures.append(f"{provider}: {_report.error_text(exc)}")
-            RESULTS.add(OP, case, "fwd", provider, error=_report.error_text(exc))
-            del providers[provider]
-
-    for mode in MODES:
-        steps = {}
-        for provider, fn in providers.items():
-            try:
-                with _report.forced_backend(OP, provider):
-                    steps[provider] = _report.mode_step(mode, fn, (x, weight, bias), dy)
-            except Exception as exc:  # torch.compile may fail on a machine; the row says why
-                RESULTS.add(OP, case, mode, provider, error=_report.error_text(exc))
-                if provider != "compile":
-                    failures.append(f"{provider} {mode}: {_report.error_text(exc)}")
-        timings = _report.time_providers(OP, steps, DEVICE)
-        for provider, timing in timings.items():
-            launches = None
-            if mode == "fwd":
-                with _report.forced_backend(OP, provider):
-                    launches = _report.count_launches(steps[provider], DEVICE)
-            RESULTS.add(OP, case, mode, provider, timing, nbytes=traffic(mode, x), launches=launches)
-        del steps, timings
+    failures = driver.run(bench(), case, RESULTS, DEVICE)
     if failures:
         pytest.fail("\n".join(failures))

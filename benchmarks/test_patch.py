@@ -22,10 +22,10 @@ import pathlib
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment
+from .results import RESULTS, Case
 
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 OP = "diffusers_sdxl_unet"
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "diffusers"
 SDXL_UNET_FLOPS_PER_IMAGE = 6.76e12
@@ -85,15 +85,11 @@ def test_diffusers_unet_forward(case: Case):
             with torch.no_grad():
                 return model(*args, **kwargs).sample
 
-        if _report.warm_up(OP, case, "fwd", provider, step):
-            steps[provider] = step
+        steps[provider] = step
 
     full_size = CONFIG == "sdxl_unet_config.json" and tuple(case.shape[2:]) == (128, 128)
-    flops = SDXL_UNET_FLOPS_PER_IMAGE * case.shape[0] if full_size else _flops(steps["eager"])
-    timings = _report.time_providers(OP, steps, DEVICE, wall=True)
-    for provider, timing in timings.items():
-        RESULTS.add(OP, case, "fwd", provider, timing, flops=flops)
-
+    flops = SDXL_UNET_FLOPS_PER_IMAGE * case.shape[0] if full_size else lambda working: _flops(working["eager"])
+    timings = driver.time_models(RESULTS, OP, case, "fwd", steps, DEVICE, flops=flops)
     ms = {p: t.ms for p, t in timings.items()}
     counts = ", ".join(f"{k} {n}" for k, n in report.counts().items() if n)
     RESULTS.note(OP, f"diffusers {diffusers.__version__} UNet2DConditionModel from {CONFIG}, random weights; "

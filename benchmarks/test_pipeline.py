@@ -26,10 +26,10 @@ import time
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import cpu_load, environment, timing
+from .results import RESULTS, Case, error_text
 
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 OP = "sdxl_two_stage"
 TARGET_BASE_ITS = 24.0  # issue 5: base UNet step ≥ 24 it/s at 1024², CFG, batch 1 (H100)
 TARGET_SPEEDUP = 1.6  # issue 5: the two-stage loop ≥ 1.6× eager PyTorch in the same run
@@ -41,7 +41,7 @@ if DEVICE.type == "cuda":
 else:
     CASE = Case((1, 4, 32, 32), torch.float32)
     PROVIDERS = ("eager", "ours")
-    STEPS, WARMUP, ROUNDS = 10, _report.WALL_WARMUP_CALLS, _report.WALL_MIN_CALLS
+    STEPS, WARMUP, ROUNDS = 10, timing.WALL_WARMUP_CALLS, timing.WALL_MIN_CALLS
 SWITCH = 0.8
 
 
@@ -162,16 +162,16 @@ def test_two_stage_loop(case: Case):
             for _ in range(WARMUP):  # the first call captures the CUDA graphs, compiles, autotunes
                 call(provider, pipe, kernels)
         except Exception as exc:  # torch.compile may fail on a machine; the row says why
-            errors[provider] = _report.error_text(exc)
+            errors[provider] = error_text(exc)
             continue
         spans.clear()
         runs[provider] = (pipe, kernels, spans)
 
-    # CPU: the providers take turns call by call (see _report.time_providers); CUDA: one after the other, so a
+    # CPU: the providers take turns call by call (see timing.time_providers); CUDA: one after the other, so a
     # compiled model never sees the kernels switched on under its guards
     order = ([p for _ in range(ROUNDS) for p in runs] if DEVICE.type != "cuda"
              else [p for p in runs for _ in range(ROUNDS)])
-    load = _report._OthersCpu() if DEVICE.type != "cuda" else None
+    load = cpu_load.OthersCpu() if DEVICE.type != "cuda" else None
     wall = {p: [] for p in runs}
     for provider in order:
         pipe, kernels, _ = runs[provider]
@@ -189,7 +189,7 @@ def test_two_stage_loop(case: Case):
             per_stage.setdefault(name, []).append(_elapsed_ms(start, end))
         stage_ms = {n: statistics.median(v) for n, v in per_stage.items()}
         ms[provider] = statistics.median(times)
-        timing = _report.Timing(ms[provider], min(times) if DEVICE.type != "cuda" else None, others)
+        timing = timing.Timing(ms[provider], min(times) if DEVICE.type != "cuda" else None, others)
         RESULTS.add(OP, case, "fwd", provider, timing)
         its = {n: stage_steps[n] / (stage_ms[n] / 1e3) for n in stage_steps if n in stage_ms}
         shares = {n: 100 * v / ms[provider] for n, v in stage_ms.items()}

@@ -24,7 +24,7 @@ Cases
         2×4×32×32, fp32; mode "train" only, so the run stays well under 30 s on 2 cores
 
 Figures
-  ms        wall clock per step, synchronized (see _report.time_providers)
+  ms        wall clock per step, synchronized (see timing.time_providers)
   TFLOP/s   model FLOPs per step / ms. Full size: 3 × 6.76 TFLOP per image (the forward's 6.76 TFLOP at 1024²,
             backward 2×); the recomputation under checkpointing is not counted, as MFU wants. Otherwise
             torch.utils.flop_counter's FLOPs of one eager forward + backward.
@@ -38,10 +38,10 @@ import os
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment
+from .results import RESULTS, Case
 
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 OP = "sdxl_train_step"
 SDXL_UNET_FLOPS_PER_IMAGE = 6.76e12  # forward at 1024²
 TRAIN_FLOPS_FACTOR = 3  # forward + backward (2× the forward)
@@ -161,14 +161,11 @@ def test_train_step(setup: Setup, mode: str):
         kernels = provider == "ours"
         s.unet.use_kernels(kernels)
         model = torch.compile(s.unet, dynamic=False) if provider == "compile" else s.unet
-        step = s.step_fn(model, kernels)
-        if not _report.warm_up(OP, CASE, mode, provider, step, peaks if DEVICE.type == "cuda" else None):
-            s.optimizer.zero_grad(set_to_none=True)
-            continue
-        steps[provider] = step
-    timings = _report.time_providers(OP, steps, DEVICE, wall=True)
-    for provider, timing in timings.items():
-        RESULTS.add(OP, CASE, mode, provider, timing, flops=s.flops)
+        steps[provider] = s.step_fn(model, kernels)
+    timings = driver.time_models(
+        RESULTS, OP, CASE, mode, steps, DEVICE, flops=s.flops, peaks=peaks if DEVICE.type == "cuda" else None,
+        on_failure=lambda provider: s.optimizer.zero_grad(set_to_none=True),
+    )  # fmt: skip
     _notes(s, mode, {p: t.ms for p, t in timings.items()}, peaks)
     assert timings, "no provider ran"
 

@@ -22,10 +22,10 @@ import itertools
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment
+from .results import RESULTS, Case
 
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 OP = "sdxl_vae_train_step"
 
 if DEVICE.type == "cuda":
@@ -79,13 +79,11 @@ def test_vae_train_step(trainer):
             t.accumulate(batches)
             t.optimizer_step()
 
-        if not _report.warm_up(OP, CASE, "train", provider, step, peaks if DEVICE.type == "cuda" else None):
-            t.optimizer.zero_grad(set_to_none=True)
-            continue
         steps[provider] = step
-    timings = _report.time_providers(OP, steps, DEVICE, wall=True)
-    for provider, timing in timings.items():
-        RESULTS.add(OP, CASE, "train", provider, timing, flops=flops)
+    timings = driver.time_models(
+        RESULTS, OP, CASE, "train", steps, DEVICE, flops=flops, peaks=peaks if DEVICE.type == "cuda" else None,
+        on_failure=lambda provider: t.optimizer.zero_grad(set_to_none=True),
+    )  # fmt: skip
     b = CASE.shape[0]
     RESULTS.note(OP, "providers: eager = use_kernels(False); ours = use_kernels(True); × eager = eager ms / ms")
     RESULTS.note(OP, "one step = VAETrainer.accumulate + optimizer_step on a fixed batch (encode, posterior draw, "

@@ -5,6 +5,7 @@ Providers
   ours     model.use_kernels(True): group_norm_silu, attention and fourier_embedding from sdxl_kernels, each on
            the backend it picks automatically
   compile  torch.compile of the kernels-off model (CUDA only: compiling on a small CPU takes minutes)
+  compile-ours  torch.compile of the kernels-on model (our ops are torch.library custom ops: no graph breaks)
 
 Cases
   CUDA  the SDXL base UNet at 1024² (latent 128×128), batch 2 (classifier-free guidance), bf16, random
@@ -19,10 +20,10 @@ Timing: wall clock per call (synchronized), so Python and launch overheads count
 import pytest
 import torch
 
-from . import _report
-from ._report import RESULTS, Case
+from . import driver, environment
+from .results import RESULTS, Case
 
-DEVICE = _report.bench_device()
+DEVICE = environment.bench_device()
 UNET_OP, VAE_OP = "sdxl_unet", "sdxl_vae_decode"
 SDXL_UNET_FLOPS_PER_IMAGE = 6.76e12
 TARGET_SPEEDUP = 1.25  # issue 4: kernels on ≥ 1.25× kernels off (SDPA) at 1024² batch 2 bf16, on the GPU
@@ -30,7 +31,7 @@ TARGET_SPEEDUP = 1.25  # issue 4: kernels on ≥ 1.25× kernels off (SDPA) at 10
 if DEVICE.type == "cuda":
     UNET_CASE = Case((2, 4, 128, 128), torch.bfloat16)
     VAE_CASE = Case((1, 4, 128, 128), torch.bfloat16)
-    PROVIDERS = ("eager", "ours", "compile")
+    PROVIDERS = ("eager", "ours", "compile", "compile-ours")
 else:
     UNET_CASE = Case((2, 4, 32, 32), torch.float32)
     VAE_CASE = Case((1, 4, 32, 32), torch.float32)
@@ -49,22 +50,20 @@ def _time(op: str, case: Case, model: torch.nn.Module, call, flops: float | None
     """Time every provider of PROVIDERS on `call(model)`; rows into RESULTS; returns {provider: ms}."""
     steps = {}
     for provider in PROVIDERS:
-        model.use_kernels(provider == "ours")
-        fn = torch.compile(model, dynamic=False) if provider == "compile" else model
+        kernels = provider in ("ours", "compile-ours")
+        model.use_kernels(kernels)
+        fn = torch.compile(model, dynamic=False) if provider.startswith("compile") else model
 
-        def step(fn=fn, kernels=provider == "ours"):
+        def step(fn=fn, kernels=kernels):
             model.use_kernels(kernels)  # the providers take turns on CPU: each call sets its own mode
             with torch.no_grad():
                 return call(fn)
 
-        if _report.warm_up(op, case, "fwd", provider, step):
-            steps[provider] = step
+        steps[provider] = step
     if flops is None:
         model.use_kernels(False)
         flops = _flops(lambda: call(model))
-    timings = _report.time_providers(op, steps, DEVICE, wall=True)
-    for provider, timing in timings.items():
-        RESULTS.add(op, case, "fwd", provider, timing, flops=flops)
+    timings = driver.time_models(RESULTS, op, case, "fwd", steps, DEVICE, flops=flops)
     ms = {p: t.ms for p, t in timings.items()}
     shape = "×".join(map(str, case.shape))
     RESULTS.note(op, f"{shape} it/s: " + ", ".join(f"{p} {1e3 / v:.3g}" for p, v in ms.items()))

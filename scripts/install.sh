@@ -14,7 +14,7 @@ fi
 "$PY" -m pip install -q "transformers>=5" regex ftfy
 "$PY" -m pip install -q --no-deps "open_clip_torch>=2.20"
 # Training data (webdataset tar shards) and the drop-in patch tests (diffusers models; imported only by tests).
-"$PY" -m pip install -q webdataset diffusers tqdm
+"$PY" -m pip install -q webdataset diffusers tqdm matplotlib
 # The extension (C++ CPU kernels; CUDA kernels too when torch has CUDA and nvcc is found).
 "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
 "$PY" -c "import sdxl_kernels, sdxl_kernels.backends as b; print('sdxl_kernels', sdxl_kernels.__version__, '| C++ extension:', b.cpu_extension_available(), '| CUDA kernels:', b.cuda_extension_available())"

@@ -48,6 +48,7 @@ class KernelSpec:
     num_stages: int | None = None  # software-pipelining depth; None = Triton's default
     divisible_by_16: tuple = ()  # arguments the JIT sees as multiples of 16 (aligned pointers, strides)
     archs: tuple = (80, 90)  # the archs whose launch configs pick this variant
+    candidate: bool = False  # a sweep candidate (configs.candidates), not a table config
 
     def options(self) -> dict:
         opts = {"num_warps": self.num_warps}

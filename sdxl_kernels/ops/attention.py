@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import backends, configs
 from ._triton import TRITON_TYPES, KernelSpec, interpret_upcast, next_power_of_2, tl, triton
 
 OP = "scaled_dot_product_attention"
@@ -64,40 +65,15 @@ class BwdConfig:
     tma: bool = False  # the inner loops load through TMA descriptors (sm_90)
 
 
-# Forward tiles per arch and BLOCK_D: (long keys, short keys). Short keys (Lk < SHORT_LK, e.g. SDXL's 77
-# text tokens) take a narrow BLOCK_N so the ragged last block wastes less. Chosen so that every variant
-# compiles without spills (python -m sdxl_kernels.tools.compile_check), not yet tuned on a GPU. sm_80's
-# mma.sync keeps more in registers than sm_90's wgmma, hence its narrower tiles for BLOCK_D = 128.
+# Tiles come from the per-arch tables in sdxl_kernels/configs (sm80.json, sm90.json) by shape class:
+# fwd_class(head_dim, lk) is BLOCK_D and whether the keys are short (Lk < SHORT_LK, e.g. SDXL's 77 text tokens,
+# which take a narrow BLOCK_N so the ragged last block wastes less); bwd_class(head_dim) is BLOCK_D.
 # sm_90 loads through TMA descriptors: no address arithmetic in registers (BLOCK_N = 128 at head dim 64 needs
-# 158 registers instead of 225), so it takes the wide tiles FlashAttention-3 uses; inputs TMA cannot take
-# (strides not multiples of 16 bytes, head-dim stride ≠ 1) run the pointer kernel with the sm_80 table.
-# Triton's warp specialization (tl.range(warp_specialize=True)) compiles to the same PTX on sm_90 in
-# Triton 3.6 and 3.9 (it is lowered for Blackwell only), so it is not used.
+# 158 registers instead of 225), so it can take the wide tiles FlashAttention-3 uses; inputs TMA cannot take
+# (strides not multiples of 16 bytes, head-dim stride ≠ 1) run the pointer kernel: the forward with the sm_80
+# table's tiles, the backward with its own. Triton's warp specialization (tl.range(warp_specialize=True))
+# compiles to the same PTX on sm_90 in Triton 3.6 and 3.9 (it is lowered for Blackwell only), so it is not used.
 SHORT_LK = 128
-FWD_CONFIGS = {
-    80: {
-        64: (FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)),
-        128: (FwdConfig(128, 32, 8, 3), FwdConfig(128, 32, 8, 3)),
-        256: (FwdConfig(64, 32, 8, 2), FwdConfig(64, 32, 8, 2)),
-    },
-    90: {
-        64: (FwdConfig(128, 128, 8, 3, tma=True), FwdConfig(128, 32, 8, 3, tma=True)),
-        128: (FwdConfig(128, 128, 8, 2, tma=True), FwdConfig(128, 32, 8, 3, tma=True)),
-        256: (FwdConfig(64, 64, 8, 2, tma=True), FwdConfig(64, 32, 8, 2, tma=True)),
-    },
-}
-BWD_CONFIGS = {
-    80: {
-        64: BwdConfig(32, 128, 128, 32, 8, 3),
-        128: BwdConfig(32, 64, 128, 32, 8, 2),
-        256: BwdConfig(32, 32, 32, 32, 8, 1),
-    },
-    90: {  # the same tiles, with the inner loops' loads through TMA (the pointer loads when TMA cannot serve)
-        64: BwdConfig(32, 128, 128, 32, 8, 3, tma=True),
-        128: BwdConfig(16, 64, 128, 32, 8, 2, tma=True),
-        256: BwdConfig(32, 32, 32, 32, 8, 1, tma=True),
-    },
-}
 PRE_BLOCK_M = 64  # rows per program of the delta = rowsum(dO ∘ O) kernel
 PRE_WARPS = 4
 
@@ -670,21 +646,99 @@ def block_d(head_dim: int) -> int:
     return max(64, next_power_of_2(head_dim))
 
 
+def fwd_class(head_dim: int, lk: int) -> str:
+    """The attention_fwd shape class: "d{BLOCK_D}-long", or "d{BLOCK_D}-short" for lk < SHORT_LK keys."""
+    return f"d{block_d(head_dim)}-{'short' if lk < SHORT_LK else 'long'}"
+
+
+def bwd_class(head_dim: int) -> str:
+    """The attention_bwd shape class: "d{BLOCK_D}"."""
+    return f"d{block_d(head_dim)}"
+
+
 def _arch(device: torch.device) -> int:
     """Config table of the device: 90 for Hopper and newer, 80 otherwise (and under the interpreter)."""
-    if device.type != "cuda":
-        return 80
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return configs.device_arch(device)
 
 
 def fwd_config(head_dim: int, lk: int, device: torch.device, arch: int | None = None) -> FwdConfig:
-    long_keys, short_keys = FWD_CONFIGS[_arch(device) if arch is None else arch][block_d(head_dim)]
-    return short_keys if lk < SHORT_LK else long_keys
+    return configs.get("attention_fwd", fwd_class(head_dim, lk), _arch(device) if arch is None else arch)
 
 
-def bwd_config(head_dim: int, device: torch.device) -> BwdConfig:
-    return BWD_CONFIGS[_arch(device)][block_d(head_dim)]
+def bwd_config(head_dim: int, device: torch.device, arch: int | None = None) -> BwdConfig:
+    return configs.get("attention_bwd", bwd_class(head_dim), _arch(device) if arch is None else arch)
+
+
+def _check_config(arch: int, cls: str, cfg: FwdConfig | BwdConfig) -> None:
+    """Blocks are powers of two in 16..256: tl.dot takes 16 rows and columns at least, a TMA box 256 rows at
+    most; tma needs sm_90. Register and shared-memory limits are compile_check's to find."""
+    for field in dataclasses.fields(cfg):
+        if field.name.startswith("block_"):
+            configs.check_pow2(field.name, getattr(cfg, field.name), 16, 256)
+    configs.check_launch(cfg)
+    if cfg.tma and arch < 90:
+        raise ValueError("tma = true needs sm_90 (Hopper's tensor memory accelerator); sm_80 loads by pointers")
+
+
+# Sweep candidates per arch and class, (block_m, block_n, num_warps, num_stages) for the forward and
+# (block_m1, block_n1, block_m2, block_n2, num_warps, num_stages) for the backward, on sm_90 through TMA;
+# configs.candidates puts the table's config first. Every one compiles without spills for its arch
+# (compile_check builds them all); tiles that spilled were dropped.
+FWD_SWEEP = {
+    80: {
+        "d64-long": ((128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 4, 3),
+                     (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)),
+        "d64-short": ((128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (128, 16, 8, 3), (64, 32, 4, 2),
+                      (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2)),
+        "d128-long": ((128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+                      (64, 128, 8, 2)),
+        "d128-short": ((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)),
+        "d256-long": ((64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)),
+        "d256-short": ((64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2)),
+    },
+    90: {
+        "d64-long": ((128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
+                     (128, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4)),
+        "d64-short": ((128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2), (64, 32, 4, 2),
+                      (64, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 1)),
+        "d128-long": ((128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3),
+                      (64, 128, 4, 2), (128, 32, 8, 3)),
+        "d128-short": ((128, 32, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2)),
+        "d256-long": ((64, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 1)),
+        "d256-short": ((64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 1)),
+    },
+}
+BWD_SWEEP = {
+    80: {
+        "d64": ((32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 2), (64, 128, 128, 64, 8, 2),
+                (32, 64, 64, 32, 8, 2), (16, 64, 64, 16, 4, 3), (32, 64, 128, 32, 8, 3)),
+        "d128": ((16, 64, 128, 32, 8, 2), (64, 64, 64, 64, 8, 2), (32, 32, 32, 32, 4, 2), (16, 32, 64, 16, 4, 2),
+                 (32, 64, 64, 32, 8, 2)),
+        "d256": ((16, 32, 32, 16, 4, 1), (32, 32, 32, 32, 4, 1), (32, 64, 64, 32, 8, 1), (16, 32, 32, 16, 8, 2)),
+    },
+    90: {
+        "d64": ((32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 2), (64, 128, 128, 64, 8, 2),
+                (32, 128, 128, 32, 4, 2), (16, 64, 64, 16, 4, 3), (32, 64, 128, 32, 8, 3)),
+        "d128": ((32, 64, 64, 32, 4, 2), (32, 64, 128, 32, 8, 2), (64, 64, 64, 64, 8, 2), (16, 64, 64, 16, 4, 2),
+                 (32, 128, 128, 32, 8, 1)),
+        "d256": ((16, 32, 32, 16, 4, 1), (16, 32, 32, 16, 8, 2), (16, 32, 32, 16, 8, 1), (32, 32, 32, 32, 8, 2)),
+    },
+}
+
+
+def _sweep(config: type, table: dict) -> Callable[[int, str], list]:
+    return lambda arch, cls: [config(*tiles, tma=arch >= 90) for tiles in table[arch][cls]]
+
+
+CONFIG_FAMILIES = (
+    configs.Family(
+        "attention_fwd", FwdConfig, tuple(f"d{d}-{keys}" for d in (64, 128, 256) for keys in ("long", "short")),
+        _check_config, _sweep(FwdConfig, FWD_SWEEP), fwd_class,
+    ),
+    configs.Family(
+        "attention_bwd", BwdConfig, ("d64", "d128", "d256"), _check_config, _sweep(BwdConfig, BWD_SWEEP), bwd_class
+    ),
+)  # fmt: skip
 
 
 def _stride_args(*tensors: torch.Tensor) -> tuple[list[int], int]:
@@ -732,6 +786,23 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_torch_allocator)
 
 
+def forward_config(q, k, v, out=None) -> FwdConfig:
+    """The forward's tiles for these inputs as the launcher picks them: the device's table, or, on sm_90 for
+    inputs TMA cannot address, the sm_80 table's tiles by pointers (an override may hold TMA there too).
+    `out` defaults to q (torch.empty_like(q) has q's strides wherever TMA could take q)."""
+    head_dim, lk = q.shape[-1], k.shape[2]
+    cfg = fwd_config(head_dim, lk, q.device)
+    if cfg.tma and tma_reason(q, k, v, q if out is None else out) is not None:
+        cfg = dataclasses.replace(fwd_config(head_dim, lk, q.device, arch=80), tma=False)
+    return cfg
+
+
+def forward_path(q, k, v) -> str:
+    """Which loads the forward takes for these (B, H, L, D) inputs: "tma" (Hopper's tensor descriptors) or
+    "pointers"; what the GPU pass records per row."""
+    return "tma" if forward_config(q, k, v).tma else "pointers"
+
+
 def _triton_forward(q, k, v, causal, scale):
     """q (B, H, Lq, D), k/v (B, H_kv, Lk, D) → out (B, H, Lq, D) in q's memory layout, lse (B, H, Lq) fp32."""
     bsz, heads, lq, head_dim = q.shape
@@ -742,9 +813,7 @@ def _triton_forward(q, k, v, causal, scale):
         return out, lse.fill_(float("-inf"))
     if lk == 0:  # softmax over no keys: PyTorch returns zeros
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = fwd_config(head_dim, lk, q.device)
-    if cfg.tma and tma_reason(q, k, v, out) is not None:
-        cfg = fwd_config(head_dim, lk, q.device, arch=80)
+    cfg = forward_config(q, k, v, out)
     strides, align = _stride_args(q, k, v, out)
     if cfg.tma:  # tma_reason passed, so align is 8
         _ensure_allocator()
@@ -805,7 +874,8 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
 # ---- ahead-of-time compile check ---------------------------------------------------------------------------
 
 
-def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr", "delta_ptr")) -> KernelSpec:
+def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr", "delta_ptr"),
+          candidate=False) -> KernelSpec:
     """One variant of fn as the launchers call it: unit head-dim strides (what [B, H, L, D] and [B, L, H, D]
     tensors have), 16-byte aligned pointers, the other strides known only through ALIGN."""
     t, names = TRITON_TYPES[dtype], fn.arg_names
@@ -814,16 +884,50 @@ def _spec(fn, label, dtype, consts, num_warps, num_stages, arch, fp32=("lse_ptr"
     consts |= {n: 1 for n in names if n.startswith("stride_") and n.endswith("d")}
     floats = ("sm_scale",) if "sm_scale" in names else ()
     return KernelSpec(fn, label, ptrs, consts, floats, num_warps, num_stages=num_stages,
-                       divisible_by_16=tuple(ptrs), archs=(arch,))  # fmt: skip
+                       divisible_by_16=tuple(ptrs), archs=(arch,), candidate=candidate)  # fmt: skip
+
+
+def _fwd_spec(label, dtype, flags, c: FwdConfig, arch, candidate=False) -> KernelSpec:
+    tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, TMA=c.tma)
+    return _spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch, candidate=candidate)
+
+
+def _bwd_specs(tag, dtype, flags, c: BwdConfig, arch, gqa=False, candidate=False) -> list[KernelSpec]:
+    """dK/dV and dQ kernels of c, through TMA when c.tma and by pointers (what TMA tables fall back to)."""
+    specs, warps, stages = [], c.num_warps, c.num_stages
+    extra = f" w{warps}" if candidate else ""
+    for tma in (True, False) if c.tma else (False,):
+        suffix = (" TMA" if tma else "") + (" candidate" if candidate else "")
+        tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1, TMA=tma)
+        label = f"{tag} M{c.block_m1} N{c.block_n1}{extra} s{stages}{suffix}"
+        specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, warps, stages, arch, candidate=candidate))
+        if gqa:  # float32 dK/dV partials
+            partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
+            specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, warps, stages, arch, partials))
+        tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2, TMA=tma)
+        label = f"{tag} M{c.block_m2} N{c.block_n2}{extra} s{stages}{suffix}"
+        specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, warps, stages, arch, candidate=candidate))
+    return specs
+
+
+def _fwd_table(arch: int, bd: int) -> list[FwdConfig]:
+    """The distinct forward configs arch's launcher picks at BLOCK_D bd: its table's (long, short), and on
+    sm_90 the sm_80 pointer tiles it falls back to for inputs TMA cannot address."""
+    tiles = [configs.table(a)["attention_fwd"][f"d{bd}-{keys}"] for a in (arch, 80) for keys in ("long", "short")]
+    tiles = tiles if arch != 80 else tiles[:2]
+    return list(dict.fromkeys(tiles[:2] + [dataclasses.replace(c, tma=False) for c in tiles[2:]]))
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every variant the launchers can pick, for the arch whose table picks it: dtype × BLOCK_D (HEAD_DIM =
-    BLOCK_D) × causal × each distinct tile config (sm_90: its TMA forward tiles and the sm_80 pointer tiles it
-    falls back to); plus, in float16, one padded head dim per BLOCK_D
-    (40, 80, 160: the extra column masks) and the dK/dV kernel writing float32 GQA partials."""
+    """Every variant the launchers can pick, for the arch whose table picks it (configs.table: the packaged
+    tables, with $SDXL_KERNELS_CONFIGS's entries in place): dtype × BLOCK_D (HEAD_DIM = BLOCK_D) × causal × each
+    distinct table config (sm_90: its TMA tiles and the pointer tiles it falls back to); plus, in float16, one
+    padded head dim per BLOCK_D (40, 80, 160: the extra column masks) and the dK/dV kernel writing float32 GQA
+    partials. Then each sweep candidate that is not a table config, labelled "candidate": bfloat16, non-causal,
+    HEAD_DIM = BLOCK_D only, which bounds the compile time (causal and padded variants differ from it by masks);
+    sm_90's backward candidates also by pointers, the loads they fall back to once a sweep puts them in a table."""
     specs = []
-    for arch in FWD_CONFIGS:
+    for arch in configs.ARCHS:
         for dtype in KERNEL_DTYPES:
             t = TRITON_TYPES[dtype]
             for head_dim, bd in ((64, 64), (128, 128), (256, 256), (40, 64), (80, 128), (160, 256)):
@@ -836,27 +940,30 @@ def compile_specs() -> list[KernelSpec]:
                 for causal in (False, True):
                     flags = dims | dict(CAUSAL=causal, UPCAST=False)
                     tag = f"{shape}{' causal' if causal else ''}"
-                    # sm_90 also runs the sm_80 pointer tiles, for inputs TMA cannot address.
-                    fwd = FWD_CONFIGS[arch][bd] + (FWD_CONFIGS[80][bd] if arch != 80 else ())
-                    for c in dict.fromkeys(fwd):  # distinct, in order
-                        tiles = flags | dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, TMA=c.tma)
+                    for c in _fwd_table(arch, bd):
                         label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
-                        specs.append(_spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch))
-                    c = BWD_CONFIGS[arch][bd]
-                    for tma in (True, False) if c.tma else (False,):  # TMA tables fall back to pointer loads
-                        suffix = " TMA" if tma else ""
-                        tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1, TMA=tma)
-                        label = f"{tag} M{c.block_m1} N{c.block_n1} s{c.num_stages}{suffix}"
-                        specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, c.num_warps, c.num_stages,
-                                           arch))  # fmt: skip
-                        if head_dim == bd and dtype == torch.float16:  # GQA: float32 dK/dV partials
-                            partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
-                            specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, c.num_warps,
-                                               c.num_stages, arch, partials))  # fmt: skip
-                        tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2, TMA=tma)
-                        label = f"{tag} M{c.block_m2} N{c.block_n2} s{c.num_stages}{suffix}"
-                        specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, c.num_warps, c.num_stages,
-                                           arch))  # fmt: skip
+                        specs.append(_fwd_spec(label, dtype, flags, c, arch))
+                    c = configs.table(arch)["attention_bwd"][f"d{bd}"]
+                    specs += _bwd_specs(tag, dtype, flags, c, arch, gqa=head_dim == bd and dtype == torch.float16)
+        specs += _candidate_specs(arch)
+    return specs
+
+
+def _candidate_specs(arch: int) -> list[KernelSpec]:
+    specs, dtype = [], torch.bfloat16
+    for bd in (64, 128, 256):
+        flags = dict(HEAD_DIM=bd, BLOCK_D=bd, ALIGN=8, CAUSAL=False, UPCAST=False)
+        tag = f"{TRITON_TYPES[dtype]} D={bd}/{bd}"
+        table = set(_fwd_table(arch, bd))
+        fwd = [c for keys in ("long", "short") for c in configs.candidates("attention_fwd", f"d{bd}-{keys}", arch)]
+        for c in dict.fromkeys(fwd):
+            if c not in table:
+                label = f"{tag} M{c.block_m} N{c.block_n} w{c.num_warps} s{c.num_stages}{' TMA' if c.tma else ''}"
+                specs.append(_fwd_spec(f"{label} candidate", dtype, flags, c, arch, candidate=True))
+        table = configs.table(arch)["attention_bwd"][f"d{bd}"]
+        for c in configs.candidates("attention_bwd", f"d{bd}", arch):
+            if c != table:
+                specs += _bwd_specs(tag, dtype, flags, c, arch, candidate=True)
     return specs
 
 

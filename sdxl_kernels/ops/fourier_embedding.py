@@ -14,17 +14,50 @@ Backward: d emb / dv = f · [-sin a, cos a] (flip) or f · [cos a, -sin a].
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .. import backends
+from .. import backends, configs
 from ..reference import fourier_frequencies
 from ._triton import TRITON_TYPES, KernelSpec, tl, triton
 
 OP = "fourier_embedding"
+FAMILY = "fourier_embedding"  # its launch configs in sdxl_kernels.configs
 _C = backends.extension()
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCK_HALF = 512  # frequencies per inner step, for every dim (one compiled variant)
-NUM_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FourierConfig:
+    """The kernel's launch, from the per-arch tables in sdxl_kernels/configs (one class, "all", for every dim)."""
+
+    block: int  # frequencies per inner step
+    num_warps: int
+
+
+def config_class() -> str:
+    """The fourier_embedding shape class: one, "all", for every dim."""
+    return "all"
+
+
+def _check_config(arch: int, cls: str, cfg: FourierConfig) -> None:
+    """block a power of two in 32..4096, with one frequency per thread at least."""
+    configs.check_pow2("block", cfg.block, 32, 4096)
+    configs.check_launch(cfg)
+    if cfg.block < 32 * cfg.num_warps:
+        raise ValueError(f"block = {cfg.block}: must be at least 32 · num_warps = {32 * cfg.num_warps}")
+
+
+# Sweep candidates (block, num_warps): SDXL's dims have 128 (micro-conditioning, 256) and 160 (timesteps, 320)
+# frequencies, so blocks narrower than the table's 512 leave fewer lanes idle.
+SWEEP = ((128, 1), (128, 2), (128, 4), (256, 2), (256, 4), (256, 8), (512, 8), (1024, 8))
+CONFIG_FAMILIES = (
+    configs.Family(
+        FAMILY, FourierConfig, ("all",), _check_config,
+        lambda arch, cls: [FourierConfig(*c) for c in SWEEP], config_class,
+    ),
+)  # fmt: skip
 
 if triton is not None:
 
@@ -60,16 +93,33 @@ if triton is not None:
             tl.store(base + DIM - 1, tl.zeros([], out_ptr.dtype.element_ty))
 
 
-def compile_specs() -> list[KernelSpec]:
-    """The one block size × output dtype × ordering × odd/even dim."""
+def _specs(cfg: FourierConfig, archs: tuple, dtypes, variants, candidate: bool) -> list[KernelSpec]:
     specs = []
-    for dtype in OUT_DTYPES:
+    for dtype in dtypes:
         ptrs = dict(v_ptr="fp32", freq_ptr="fp32", out_ptr=TRITON_TYPES[dtype])
-        for flip in (True, False):
-            for odd in (False, True):
-                consts = dict(FLIP=flip, ODD=odd, BLOCK=BLOCK_HALF)
-                label = f"{TRITON_TYPES[dtype]} FLIP={flip} ODD={odd} BLOCK={BLOCK_HALF}"
-                specs.append(KernelSpec(_fourier_kernel, label, ptrs, consts, num_warps=NUM_WARPS))
+        for flip, odd in variants:
+            consts = dict(FLIP=flip, ODD=odd, BLOCK=cfg.block)
+            label = f"{TRITON_TYPES[dtype]} FLIP={flip} ODD={odd} BLOCK={cfg.block}"
+            label += f" w{cfg.num_warps} candidate" if candidate else ""
+            kw = dict(num_warps=cfg.num_warps, archs=archs, candidate=candidate)
+            specs.append(KernelSpec(_fourier_kernel, label, ptrs, consts, **kw))
+    return specs
+
+
+def compile_specs() -> list[KernelSpec]:
+    """The table's config per arch × output dtype × ordering × odd/even dim; then each sweep candidate that is
+    not the table's, labelled "candidate": float32 (the default output), cos first, even dim."""
+    table = {arch: configs.table(arch)[FAMILY]["all"] for arch in configs.ARCHS}
+    specs = []
+    for cfg in dict.fromkeys(table.values()):
+        archs = tuple(a for a, c in table.items() if c == cfg)
+        specs += _specs(cfg, archs, OUT_DTYPES, [(f, o) for f in (True, False) for o in (False, True)], False)
+    sweep: dict[FourierConfig, tuple] = {}
+    for arch in configs.ARCHS:
+        for cfg in configs.candidates(FAMILY, "all", arch)[1:]:
+            sweep[cfg] = sweep.get(cfg, ()) + (arch,)
+    for cfg, archs in sweep.items():
+        specs += _specs(cfg, archs, (torch.float32,), [(True, False)], True)
     return specs
 
 
@@ -87,9 +137,10 @@ def frequencies(dim: int, max_period: float, shift: float, device: torch.device)
 def _triton_run(values, freqs, out, dim, flip):
     bsz, n = values.shape
     half = dim // 2
+    cfg = configs.get(FAMILY, "all", configs.device_arch(values.device))
     _fourier_kernel[(bsz * n,)](
         values, freqs, out, n, half, dim, out.stride(0),
-        FLIP=flip, ODD=dim % 2 == 1, BLOCK=BLOCK_HALF, num_warps=NUM_WARPS,
+        FLIP=flip, ODD=dim % 2 == 1, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 

@@ -27,19 +27,35 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .. import backends
+from .. import backends, configs
 from ._triton import TRITON_TYPES, KernelSpec, sm_count, tl, triton
 
 OP = "group_norm_silu"
+FAMILY = "group_norm_silu"  # its tile configs in sdxl_kernels.configs
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# (BLOCK_C, BLOCK_S, num_warps): every tile configuration the launcher may pick (compile_check builds all).
-TILE_CONFIGS = ((2, 1024, 8), (4, 512, 8), (8, 256, 8), (16, 128, 8), (32, 64, 8), (64, 32, 8))
 MAX_SPLIT = 64
 PART_CHUNK = 16  # backward partial sums read per step
 # Without a cap ptxas (CUDA 13) settles near 72 registers and spills a few bytes; 128 leaves room for the
 # pipelined loads and still fits 4 blocks of 128 threads per SM.
 MAXNREG = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNormConfig:
+    """Tiles of all four kernels, from the per-arch tables in sdxl_kernels/configs by config_class(c_per_g)."""
+
+    block_c: int  # channels per tile: at least the class's c_per_g, so one tile spans a group's channels
+    block_s: int  # spatial positions per tile
+    num_warps: int
+    num_stages: int | None = None  # software pipelining of the tile loops; None = Triton's default
+
+
+# Shape classes: "cN" serves c_per_g <= N; more channels per group than the last class loop over BLOCK_C chunks.
+CLASS_C = (2, 4, 8, 16, 32, 64)
+# Tile elements per thread, block_c · block_s / (32 · num_warps), at most: the backward reduce holds x, dy, xhat,
+# dz and their products per element, and with 16 per thread it spills under MAXNREG (compile_check, both layouts).
+MAX_PER_THREAD = 8
 
 
 if triton is not None:
@@ -316,28 +332,57 @@ if triton is not None:
                 tl.store(dx_ptr + offset + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def compile_specs() -> list[KernelSpec]:
-    """Every kernel variant the launchers can pick: tile config × dtype × layout (× activation)."""
+def _specs(cfg: GroupNormConfig, archs: tuple, dtypes, silus, candidate: bool) -> list[KernelSpec]:
     specs = []
     layouts = {"NCHW": {"stride_xs": 1}, "channels-last": {"stride_xc": 1}}
-    for block_c, block_s, warps in TILE_CONFIGS:
-        for dtype in KERNEL_DTYPES:
-            t = TRITON_TYPES[dtype]
-            for layout, unit_stride in layouts.items():
-                tile = dict(BLOCK_C=block_c, BLOCK_S=block_s) | unit_stride
-                label = f"{t} {layout} BLOCK_C={block_c} BLOCK_S={block_s}"
-                ptrs = dict(x_ptr=t, y_ptr=t, dy_ptr=t, dx_ptr=t, w_ptr=t, b_ptr=t)
-                ptrs |= dict(part_ptr="fp32", mean_ptr="fp32", rstd_ptr="fp32")
-                kw = dict(num_warps=warps, maxnreg=MAXNREG, divisible_by_16=tuple(ptrs))  # torch allocations
-                specs.append(KernelSpec(_gn_stats_kernel, label, ptrs, tile, **kw))
-                for silu in (True, False):
-                    flags = tile | dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=silu)
-                    lab = f"{label} SILU={silu}"
-                    merge = flags | dict(SPLIT_P2=MAX_SPLIT)
-                    specs.append(KernelSpec(_gn_fwd_apply_kernel, lab, ptrs, merge, ("eps",), **kw))
-                    specs.append(KernelSpec(_gn_bwd_reduce_kernel, lab, ptrs, flags, **kw))
-                    chunked = flags | dict(PART_CHUNK=PART_CHUNK)
-                    specs.append(KernelSpec(_gn_bwd_apply_kernel, lab, ptrs, chunked, **kw))
+    for dtype in dtypes:
+        t = TRITON_TYPES[dtype]
+        for layout, unit_stride in layouts.items():
+            tile = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s) | unit_stride
+            label = f"{t} {layout} BLOCK_C={cfg.block_c} BLOCK_S={cfg.block_s}"
+            if candidate:
+                label += f" w{cfg.num_warps}" + (f" s{cfg.num_stages}" if cfg.num_stages else "")
+            ptrs = dict(x_ptr=t, y_ptr=t, dy_ptr=t, dx_ptr=t, w_ptr=t, b_ptr=t)
+            ptrs |= dict(part_ptr="fp32", mean_ptr="fp32", rstd_ptr="fp32")
+            kw = dict(num_warps=cfg.num_warps, maxnreg=MAXNREG, num_stages=cfg.num_stages,
+                      divisible_by_16=tuple(ptrs), archs=archs, candidate=candidate)  # torch allocations
+            tag = " candidate" if candidate else ""
+            specs.append(KernelSpec(_gn_stats_kernel, label + tag, ptrs, tile, **kw))
+            for silu in silus:
+                flags = tile | dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=silu)
+                lab = f"{label} SILU={silu}{tag}"
+                merge = flags | dict(SPLIT_P2=MAX_SPLIT)
+                specs.append(KernelSpec(_gn_fwd_apply_kernel, lab, ptrs, merge, ("eps",), **kw))
+                specs.append(KernelSpec(_gn_bwd_reduce_kernel, lab, ptrs, flags, **kw))
+                chunked = flags | dict(PART_CHUNK=PART_CHUNK)
+                specs.append(KernelSpec(_gn_bwd_apply_kernel, lab, ptrs, chunked, **kw))
+    return specs
+
+
+def _by_config(configs_per_arch: dict[int, list]) -> dict[GroupNormConfig, tuple]:
+    """{config: the archs that pick it}, configs in first-seen order."""
+    out: dict[GroupNormConfig, tuple] = {}
+    for arch, cfgs in configs_per_arch.items():
+        for cfg in dict.fromkeys(cfgs):
+            out[cfg] = out.get(cfg, ()) + (arch,)
+    return out
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every kernel variant the launchers can pick (configs.table, per arch): tile config × dtype × layout
+    (× activation). Then each sweep candidate that is not a table config, labelled "candidate": float32 (the
+    dtype that needs the most registers in 157 of the tables' 168 variants) with the activation, both layouts."""
+    tables = {arch: list(configs.table(arch)[FAMILY].values()) for arch in configs.ARCHS}
+    specs = []
+    for cfg, archs in _by_config(tables).items():
+        specs += _specs(cfg, archs, KERNEL_DTYPES, (True, False), candidate=False)
+    sweep = {
+        arch: [c for cls in CONFIG_FAMILIES[0].classes for c in configs.candidates(FAMILY, cls, arch)
+               if c not in tables[arch]]
+        for arch in configs.ARCHS
+    }  # fmt: skip
+    for cfg, archs in _by_config(sweep).items():
+        specs += _specs(cfg, archs, (torch.float32,), (True,), candidate=True)
     return specs
 
 
@@ -361,11 +406,39 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() > 2 and x.stride(1) == 1 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
 
 
-def tile_config(c_per_g: int) -> tuple[int, int, int]:
-    for block_c, block_s, warps in TILE_CONFIGS:
-        if c_per_g <= block_c:
-            return block_c, block_s, warps
-    return TILE_CONFIGS[-1]
+def config_class(c_per_g: int) -> str:
+    """The group_norm_silu shape class: "cN" for the smallest N in CLASS_C with c_per_g <= N, else the last."""
+    return f"c{next((n for n in CLASS_C if c_per_g <= n), CLASS_C[-1])}"
+
+
+def tile_config(c_per_g: int, device: torch.device | None = None, arch: int | None = None) -> GroupNormConfig:
+    arch = configs.device_arch(device) if arch is None else arch
+    return configs.get(FAMILY, config_class(c_per_g), arch)
+
+
+def _check_config(arch: int, cls: str, cfg: GroupNormConfig) -> None:
+    """block_c a power of two from the class's N (one tile covers the group's channels) to 256; block_s a power
+    of two; 1 to MAX_PER_THREAD tile elements per thread."""
+    configs.check_pow2("block_c", cfg.block_c, int(cls[1:]), 256)
+    configs.check_pow2("block_s", cfg.block_s, 1, 8192)
+    configs.check_launch(cfg)
+    tile, threads = cfg.block_c * cfg.block_s, 32 * cfg.num_warps
+    if not threads <= tile <= MAX_PER_THREAD * threads:
+        raise ValueError(f"block_c · block_s = {tile}: must be in {threads}..{MAX_PER_THREAD * threads} "
+                         f"(1 to {MAX_PER_THREAD} elements for each of 32 · num_warps threads)")  # fmt: skip
+
+
+# Sweep candidates per class, (tile elements, num_warps) with block_c = the class's N: 4 or 8 elements per
+# thread; the last is today's table, kept a candidate when a sweep's file replaces it. The same on both archs,
+# where each compiles without spills under MAXNREG in both layouts (compile_check builds them all).
+SWEEP_TILES = ((512, 2), (1024, 4), (1024, 8), (2048, 16), (4096, 16), (2048, 8))
+SWEEP = {f"c{n}": tuple((tile // n, warps) for tile, warps in SWEEP_TILES) for n in CLASS_C}
+CONFIG_FAMILIES = (
+    configs.Family(
+        FAMILY, GroupNormConfig, tuple(f"c{n}" for n in CLASS_C), _check_config,
+        lambda arch, cls: [GroupNormConfig(int(cls[1:]), *tiles) for tiles in SWEEP[cls]], config_class,
+    ),
+)  # fmt: skip
 
 
 def split_config(n_groups: int, s: int, block_s: int, device: torch.device) -> tuple[int, int]:
@@ -396,7 +469,7 @@ class _Plan:
     split: int
     s_per_split: int
     strides: tuple[int, int, int]
-    meta: dict  # BLOCK_C, BLOCK_S, num_warps, maxnreg
+    meta: dict  # BLOCK_C, BLOCK_S, num_warps, maxnreg (, num_stages)
 
     @classmethod
     def of(cls, x: torch.Tensor, num_groups: int) -> _Plan:
@@ -404,9 +477,10 @@ class _Plan:
         s = x[0, 0].numel()
         if x[0].numel() >= 2**31:
             raise ValueError(f"one sample of x has {x[0].numel()} elements; the kernels index a sample in int32")
-        block_c, block_s, warps = tile_config(c // num_groups)
-        split, s_per_split = split_config(n * num_groups, s, block_s, x.device)
-        meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, maxnreg=MAXNREG)
+        cfg = tile_config(c // num_groups, x.device)
+        split, s_per_split = split_config(n * num_groups, s, cfg.block_s, x.device)
+        meta = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps, maxnreg=MAXNREG)
+        meta |= {"num_stages": cfg.num_stages} if cfg.num_stages is not None else {}
         return cls(n, c, c // num_groups, s, split, s_per_split, ncs_strides(x), meta)
 
     def grid(self, num_groups: int) -> tuple[int, int]:

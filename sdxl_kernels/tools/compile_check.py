@@ -1,6 +1,11 @@
 """Ahead-of-time compile of every Triton kernel variant for sm_80 and sm_90, no GPU needed.
 
-    python -m sdxl_kernels.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE]
+    python -m sdxl_kernels.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--no-candidates]
+
+The variants: every config of the tables in force (sdxl_kernels.configs: the packaged sm80.json/sm90.json, or
+a new file through SDXL_KERNELS_CONFIGS=file.json, which checks it before it is committed) in every dtype and
+flag combination the launchers use, then every sweep candidate (configs.candidates) in one dtype, rows
+labelled "candidate" (each op's compile_specs says which variants). --no-candidates builds the tables only.
 
 Each variant goes through `triton.compile(..., target=GPUTarget("cuda", arch, 32))`; the PTX then goes
 through the `ptxas` that ships with Triton with `-v`, which reports registers, spills and static shared
@@ -23,14 +28,15 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per bloc
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
 
 
-def all_specs():
+def all_specs(candidates: bool = True):
     from ..ops import attention, fourier_embedding, group_norm_silu
 
-    return (
+    specs = (
         [("group_norm_silu", s) for s in group_norm_silu.compile_specs()]
         + [("fourier_embedding", s) for s in fourier_embedding.compile_specs()]
         + [("attention", s) for s in attention.compile_specs()]
     )
+    return [(op, s) for op, s in specs if candidates or not s.candidate]
 
 
 def ptxas_path(arch: int) -> str:
@@ -57,14 +63,15 @@ def parse_ptxas(text: str) -> dict:
     }
 
 
-def compile_one(job: tuple[int, int]) -> dict:
-    index, arch = job
+def compile_one(job: tuple[int, int, bool]) -> dict:
+    index, arch, candidates = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    op, spec = all_specs()[index]
-    row = {"op": op, "kernel": spec.fn.__name__, "config": spec.label, "arch": f"sm_{arch}", "warps": spec.num_warps}
+    op, spec = all_specs(candidates)[index]
+    row = {"op": op, "kernel": spec.fn.__name__, "config": spec.label, "arch": f"sm_{arch}", "warps": spec.num_warps,
+           "candidate": spec.candidate}  # fmt: skip
     try:
         # Arguments a spec declares divisible by 16 get the hint the JIT gives aligned pointers and strides.
         names = spec.fn.arg_names
@@ -107,13 +114,15 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-candidates", action="store_true", help="the tables' configs only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    specs = all_specs()
+    candidates = not args.no_candidates
+    specs = all_specs(candidates)
     # A spec may name the archs whose config tables pick it (attention's tiles differ per arch).
-    jobs = [(i, a) for a in args.arch for i, (_, spec) in enumerate(specs) if a in spec.archs]
+    jobs = [(i, a, candidates) for a in args.arch for i, (_, spec) in enumerate(specs) if a in spec.archs]
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs, chunksize=4))
 
