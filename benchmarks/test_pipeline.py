@@ -189,8 +189,8 @@ def test_two_stage_loop(case: Case):
             per_stage.setdefault(name, []).append(_elapsed_ms(start, end))
         stage_ms = {n: statistics.median(v) for n, v in per_stage.items()}
         ms[provider] = statistics.median(times)
-        timing = timing.Timing(ms[provider], min(times) if DEVICE.type != "cuda" else None, others)
-        RESULTS.add(OP, case, "fwd", provider, timing)
+        timed = timing.Timing(ms[provider], min(times) if DEVICE.type != "cuda" else None, others)
+        RESULTS.add(OP, case, "fwd", provider, timed)
         its = {n: stage_steps[n] / (stage_ms[n] / 1e3) for n in stage_steps if n in stage_ms}
         shares = {n: 100 * v / ms[provider] for n, v in stage_ms.items()}
         other = 100 - sum(shares.values())

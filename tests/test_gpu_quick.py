@@ -161,7 +161,8 @@ def test_sigterm_in_kernels_keeps_every_row_and_writes_the_summary(tmp_path):
 
 
 def test_exit_status_is_a_mask_of_the_failed_steps(tmp_path):
-    assert runner.plan("quick", "kernels,env") == [(0, "env", 20), (3, "kernels", 140)]
+    assert runner.plan("quick", "kernels,env") == [(0, "env", 15), (3, "kernels", 140)]
+    assert runner.plan("quick", "env", build=True) == [(6, "build", 200), (0, "env", 15)]  # only when asked
     with pytest.raises(SystemExit, match="unknown step"):
         runner.plan("quick", "env,nope")
     res = _run(tmp_path, "--steps", "env,ceilings", "--budget-s", "4", timeout=60)  # no time for any step

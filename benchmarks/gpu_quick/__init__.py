@@ -1,7 +1,7 @@
 """The quick GPU pass: every number one 15-minute GPU slot can give, in one command that always returns some.
 
     python -m benchmarks.gpu_quick OUTDIR [--budget-s 540] [--steps env,ceilings,...] [--suite quick|compile]
-                                          [--dry-run]
+                                          [--dry-run] [--build-extension]
 
 Steps of the quick suite, in order, each in its own process under its own time cap (a crashed CUDA context or
 a hung kernel costs one step, not the pass):
@@ -18,6 +18,7 @@ a hung kernel costs one step, not the pass):
   model     SDXL base UNet (random weights) at 1024², batch 2, bf16: eager vs ours vs ours + CUDA graphs,
             it/s, peak memory, the top 15 kernels by GPU time for ours
 
+`--build-extension` first rebuilds the C++/CUDA extension (a step of its own; the pass never needs it).
 `--suite compile` (a second command): torch.compile of the eager and the kernels-on UNet, the training step
 (ours vs eager vs compile) and the two-stage 1024² loop, the pytest benchmarks streaming their rows.
 

@@ -1,7 +1,7 @@
 """check: our kernels on the GPU, compiled (no interpreter), against float32 references computed on the GPU.
 
-Planned ~60-90 s on an H100/H200, nearly all of it Triton's JIT compiling the ~12 kernel variants these cases
-pick (4 kernels each); the arithmetic is a few hundred milliseconds.
+Planned ~60-100 s on an H100/H200 (cap 110 s), nearly all of it Triton's JIT compiling the ~12 kernel variants
+these cases pick (4 kernels each); the arithmetic is a few hundred milliseconds.
 
 Each case runs forward and backward of our op on its forced backend (so a case it cannot serve fails instead
 of quietly running PyTorch), with the caching allocator first filled with NaN (so an output element a kernel

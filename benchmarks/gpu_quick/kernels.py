@@ -1,7 +1,7 @@
 """kernels: our ops vs what users run today, at the SDXL shapes, through the pytest benchmarks' declarations.
 
-Planned ~100-130 s on an H100/H200: attention 13 cases × (ours + 4-5 SDPA backends) × 2-3 modes at do_bench
-10 ms warm-up / 50 ms repetitions (~230 timings, ~0.3 s each with the builds), GroupNorm+SiLU 8 cases × 3
+Planned ~90-130 s on an H100/H200 (cap 140 s): attention 13 cases × (ours + 4-5 SDPA backends) × 2-3 modes at
+do_bench 10 ms warm-up / 50 ms repetitions (~230 timings, ~0.3 s each with the builds), GroupNorm+SiLU 8 cases × 3
 modes × 2-3 providers at 25/100 ms, fourier 2 cases by wall clock. No torch.compile here (that is the compile
 suite's). The same `Bench` declarations as benchmarks/test_*.py, so a row here means what it means there.
 

@@ -1,9 +1,9 @@
 """model: the SDXL base UNet, one sampling step with classifier-free guidance (batch 2) at 1024², bf16.
 
-Planned ~60-90 s on an H100/H200: building the 2.57 B-parameter UNet on the GPU with random weights (~10 s),
-warm-up (Triton JIT of the UNet's kernel variants, ~20-40 s, most of them already compiled by the kernels
-step), then three providers by wall clock per call (~0.3 s each at ~100 ms a call), one peak-memory call each
-and one profiled call.
+Planned ~40-80 s on an H100/H200 (cap 90 s): building the 2.57 B-parameter UNet on the GPU with random weights
+(~10 s), warm-up (Triton JIT of the UNet's kernel variants, ~20-40 s, most of them already compiled by the kernels
+step), then three providers by wall clock per call (~0.3 s each at ~100 ms a call), one peak-memory call each and
+one profiled call.
 
   eager         use_kernels(False): PyTorch ops, SDPA, eager GroupNorm/SiLU
   ours          use_kernels(True): our attention, GroupNorm+SiLU and Fourier embeddings
@@ -49,10 +49,9 @@ def profile_table(fn, device: torch.device, rows: int = 15) -> tuple[str, list[d
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"  # torch ≥ 2.4 names both
     averages = prof.key_averages()
-    table = averages.table(sort_by=key, row_limit=rows)
-    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = averages.table(sort_by=attr, row_limit=rows)
     top = sorted(averages, key=lambda e: getattr(e, attr, 0) or 0, reverse=True)[:rows]
     return table, [{"name": e.key[:120], "us": round(float(getattr(e, attr, 0) or 0), 1), "calls": e.count} for e in top]
 

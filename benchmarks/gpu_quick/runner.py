@@ -18,9 +18,10 @@ from . import log, summary
 
 # (name, planned cap in seconds on an H100/H200). Planned from the work each step does (see each step's
 # module docstring); the caps add up to the default budget, and a step that ends early hands its time on.
-QUICK = (("env", 20), ("ceilings", 30), ("check", 110), ("kernels", 140), ("sweep", 130), ("model", 110))
-COMPILE = (("compile_unet", 200), ("train_step", 170), ("two_stage", 170))
+QUICK = (("env", 15), ("ceilings", 25), ("check", 110), ("kernels", 140), ("sweep", 160), ("model", 90))
+COMPILE = (("env", 15), ("compile_unet", 190), ("train_step", 165), ("two_stage", 165))
 SUITES = {"quick": QUICK, "compile": COMPILE}
+BUILD = ("build", 200)  # only with --build-extension: run first, reported as the bit after the suite's steps
 DEFAULT_BUDGET_S = 540
 GRACE_S = 10  # between a step's SIGTERM and its SIGKILL
 MIN_STEP_S = 5  # a step with less time than this left is not started
@@ -41,25 +42,29 @@ def parse(argv):
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
     p.add_argument("--steps", help="comma-separated subset of the suite's steps, in the suite's order")
     p.add_argument("--dry-run", action="store_true", help="the same code on the CPU: interpreter, tiny shapes")
+    p.add_argument("--build-extension", action="store_true",
+                   help="first rebuild the C++/CUDA extension in place (the pass runs without it)")
     return p.parse_args(argv)
 
 
-def plan(suite: str, steps: str | None) -> list[tuple[int, str, float]]:
-    """[(bit, name, cap)] of the steps to run; bit is the step's place in its suite (the exit mask)."""
+def plan(suite: str, steps: str | None, build: bool = False) -> list[tuple[int, str, float]]:
+    """[(bit, name, cap)] of the steps to run; bit is the step's place in its suite (the exit mask), and the
+    optional build's bit is the one after the suite's last."""
     table = SUITES[suite]
     names = [n for n, _ in table]
     wanted = names if not steps else [s.strip() for s in steps.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in names]
     if unknown:
         raise SystemExit(f"gpu_quick: unknown step(s) {unknown} for suite {suite!r}; its steps: {', '.join(names)}")
-    return [(i, n, cap) for i, (n, cap) in enumerate(table) if n in wanted]
+    chosen = [(i, n, cap) for i, (n, cap) in enumerate(table) if n in wanted]
+    return ([(len(table), *BUILD)] if build else []) + chosen
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    steps = plan(args.suite, args.steps)
+    steps = plan(args.suite, args.steps, args.build_extension)
     device_type = "cpu" if args.dry_run else "cuda"
     runlog = log.RowLog(out, "runner", device_type)
     start = time.monotonic()

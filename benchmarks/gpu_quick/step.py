@@ -18,6 +18,7 @@ import traceback
 from .log import RowLog
 
 STEP_MODULES = {  # step name -> module of benchmarks.gpu_quick with run(ctx)
+    "build": "build",
     "env": "env",
     "ceilings": "ceilings",
     "check": "check",

@@ -1,9 +1,10 @@
 """sweep: every declared candidate tile config of each Triton kernel family, timed at the SDXL shapes.
 
-Planned ~100-130 s on an H100/H200: attention forward ~2 classes × ≤ 24 candidates × 2 shapes, attention
-backward 1 class × its candidates × 2 shapes, GroupNorm+SiLU 3 classes × a few candidates × 2-4 shapes × 2
+Planned ~140-160 s on an H100/H200 (cap 160 s): attention forward 2 classes × ~9 candidates × 2 shapes each,
+attention backward 1 class × ~7 candidates × 4 shapes, GroupNorm+SiLU 3 classes × a few candidates × 2-4 shapes × 2
 layouts, fourier a few; each timing a do_bench of 10 ms warm-up / 40 ms repetitions, most of the time going to
-Triton JIT-compiling each candidate (~1-2 s). A class whose time runs out keeps the best found so far.
+Triton JIT-compiling each candidate (~1-3 s). Classes are swept in table order (attention first); one whose
+time runs out keeps the best found so far and the file is rewritten after every class.
 
 Per (family, shape class) the figure is the sum of the medians over that class's SDXL shapes (forward for
 attention_fwd; backward for attention_bwd; forward + backward for group_norm_silu); a candidate first has to
