@@ -2,9 +2,9 @@
 
 Tokenizer: `CLIPTokenizer.open_clip()` (bigG, sgm `FrozenOpenCLIPEmbedder2`: ftfy + html unescape, pads with 0)
 and `CLIPTokenizer.hf()` (CLIP ViT-L, sgm `FrozenCLIPEmbedder` through transformers: NFC + whitespace +
-lowercase, pads with the end-of-text id 49407). Both read the BPE merges `bpe_simple_vocab_16e6.txt.gz` that
-ships inside the `open_clip_torch` wheel (installed with `--no-deps`; the package itself is never imported,
-since it imports torchvision) or a path the caller gives. Ids are `[sot] + bpe + [eot]` padded to 77; a prompt
+lowercase, pads with the end-of-text id 49407). Both read the BPE merges `bpe_simple_vocab_16e6.txt.gz`,
+shipped with this package (sdxl_model/assets, the file OpenAI CLIP and open_clip ship), or a path the caller
+gives (or $SDXL_CLIP_BPE_VOCAB). Ids are `[sot] + bpe + [eot]` padded to 77; a prompt
 longer than 75 BPE tokens is truncated to its first 75 and the last position is always eot (prompt chunking is
 not done).
 
@@ -22,7 +22,6 @@ import contextlib
 import functools
 import gzip
 import html
-import importlib.util
 import os
 import pathlib
 import unicodedata
@@ -44,22 +43,13 @@ VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def default_vocab_path() -> pathlib.Path | None:
-    """The BPE merges file inside the installed `open_clip_torch` package, found without importing it
-    (`find_spec` of a top-level package does not run its `__init__`). None when not installed."""
+    """$SDXL_CLIP_BPE_VOCAB when set, else the BPE merges file packaged in sdxl_model/assets; None when that
+    file is missing (a broken install)."""
     env = os.environ.get("SDXL_CLIP_BPE_VOCAB")
     if env:
         return pathlib.Path(env)
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        p = pathlib.Path(loc) / VOCAB_FILENAME
-        if p.is_file():
-            return p
-    return None
+    packaged = pathlib.Path(__file__).resolve().parent / "assets" / VOCAB_FILENAME
+    return packaged if packaged.is_file() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,10 +98,11 @@ class CLIPTokenizer:
             raise ValueError(f"style must be 'open_clip' or 'hf', got {style!r}")
         path = pathlib.Path(vocab_path) if vocab_path is not None else default_vocab_path()
         if path is None or not path.is_file():
+            where = vocab_path if vocab_path is not None else os.environ.get("SDXL_CLIP_BPE_VOCAB")
             raise FileNotFoundError(
-                f"CLIP BPE vocabulary {VOCAB_FILENAME} not found (looked in the installed open_clip_torch package"
-                f"{'' if vocab_path is None else ' and at ' + str(vocab_path)}); install it with "
-                "`pip install --no-deps open_clip_torch` or pass vocab_path=")
+                f"CLIP BPE vocabulary {VOCAB_FILENAME} not found "
+                + (f"at {where}" if where else "in sdxl_model/assets (the package is incomplete: reinstall it)")
+                + "; pass vocab_path= or set SDXL_CLIP_BPE_VOCAB")
         import regex  # the pattern needs \p{L} / \p{N}
 
         self.style = style

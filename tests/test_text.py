@@ -16,7 +16,7 @@ SGM = FIXTURES / "sgm"
 
 needs_vocab = pytest.mark.skipif(
     T.default_vocab_path() is None,
-    reason=f"{T.VOCAB_FILENAME} not found: install it with `pip install --no-deps open_clip_torch`")
+    reason=f"{T.VOCAB_FILENAME} not found (sdxl_model/assets, or $SDXL_CLIP_BPE_VOCAB)")
 
 
 def _transformers_or_skip():
@@ -76,9 +76,22 @@ def test_truncation_keeps_eot(style):
     assert exact[-1] == T.EOT_ID and exact[-2] != T.EOT_ID
 
 
-def test_missing_vocab_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="open_clip_torch"):
+def test_missing_vocab_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found at .*nope.txt.gz.*vocab_path="):
         T.CLIPTokenizer(tmp_path / "nope.txt.gz")
+    monkeypatch.setenv("SDXL_CLIP_BPE_VOCAB", str(tmp_path / "gone.txt.gz"))
+    with pytest.raises(FileNotFoundError, match="gone.txt.gz"):
+        T.CLIPTokenizer()
+
+
+def test_the_vocabulary_ships_with_the_package(monkeypatch):
+    """A plain install tokenizes: the BPE merges are package data (no open_clip_torch, hence no torchvision)."""
+    monkeypatch.delenv("SDXL_CLIP_BPE_VOCAB", raising=False)
+    path = T.default_vocab_path()
+    assert path is not None and path.parent.name == "assets" and path.parent.parent.name == "sdxl_model"
+    assert path.stat().st_size == 1_356_917
+    encoder, ranks = T._load_bpe(str(path))
+    assert len(encoder) == T.VOCAB_SIZE == 49408 and len(ranks) == 49408 - 512 - 2
 
 
 # ---------------------------------------------------------------------------------------------- full-size meta

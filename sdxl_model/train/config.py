@@ -50,7 +50,10 @@ class ConfigFile:
             raise FileNotFoundError(f"config file {path} not found")
         text = path.read_text()
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser as a package (a declared dependency)
+                import tomli as tomllib
 
             values = tomllib.loads(text)
         else:
