@@ -87,7 +87,8 @@ def _finish(fig, handles: dict, title: str, out: pathlib.Path) -> pathlib.Path:
 
 def _subtitle(meta: dict) -> str:
     dry = " (DRY RUN: CPU figures)" if meta.get("step") and meta.get("device_type") == "cpu" else ""  # quick pass
-    return f"{meta.get('device', '?')}{dry}; torch {meta.get('torch')}, triton {meta.get('triton')}, commit {meta.get('git_commit')}"
+    versions = f"torch {meta.get('torch')}, triton {meta.get('triton')}, commit {meta.get('git_commit')}"
+    return f"{meta.get('device', '?')}{dry}; {versions}"
 
 
 # ---- attention ------------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def build(bench: Bench, mode: str, provider: str, fn, inputs: Inputs):
 
 def bench(**overrides) -> Bench:
     fields = dict(
-        op=OP, providers=PROVIDERS, make_inputs=make_inputs, provider_fn=lambda p: ours if p.startswith("ours-") else eager,
+        op=OP, providers=PROVIDERS, make_inputs=make_inputs,
+        provider_fn=lambda p: ours if p.startswith("ours-") else eager,
         check=check_close, build=build, work=traffic, wall=True, launches=("fwd",),
     )  # fmt: skip
     return Bench(**(fields | overrides))

@@ -6,8 +6,8 @@ these cases pick (4 kernels each); the arithmetic is a few hundred milliseconds.
 Each case runs forward and backward of our op on its forced backend (so a case it cannot serve fails instead
 of quietly running PyTorch), with the caching allocator first filled with NaN (so an output element a kernel
 never writes shows up), and compares with a float32 reference (TF32 off) computed independently from the
-formula (sdxl_kernels.reference) on the same low-precision inputs. The limit is twice the error PyTorch's own op makes in the same
-dtype against that reference, plus a floor of a few ulps of the largest reference value:
+formula (sdxl_kernels.reference) on the same low-precision inputs. The limit is twice the error PyTorch's own
+op makes in the same dtype against that reference, plus a floor of a few ulps of the largest reference value:
     max |ours - ref| ≤ 2 · max |eager - ref| + FLOOR[dtype] · max |ref|
 for the output and for every gradient. Each row records the backend that served it (`last_backend`) and, for
 attention, the path the forward took ("tma": Hopper's tensor descriptors; "pointers").
@@ -115,9 +115,11 @@ def check_attention(ctx, case: AttnCase, dtype) -> list[str]:
     device = ctx.device
     q, k, v, dout = attn_inputs(case, dtype, device, ctx.dry_run)
     gqa = k.shape[1] != q.shape[1]
-    ours = lambda q, k, v: sdxl_kernels.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)  # noqa: E731
-    eager = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)  # noqa: E731
-    ref = lambda q, k, v: attention_ref(q, k, v, case.causal, compute_dtype=torch.float32, out_dtype=torch.float32)  # noqa: E731
+    flags = dict(is_causal=case.causal, enable_gqa=gqa)
+    ours = lambda q, k, v: sdxl_kernels.scaled_dot_product_attention(q, k, v, **flags)  # noqa: E731
+    eager = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **flags)  # noqa: E731
+    f32 = torch.float32
+    ref = lambda q, k, v: attention_ref(q, k, v, case.causal, compute_dtype=f32, out_dtype=f32)  # noqa: E731
     base = dict(op="attention", label=case.label, shape=list(case.dry if ctx.dry_run else case.shape),
                 dtype=str(dtype).removeprefix("torch."), layout="unaligned" if case.unaligned else case.layout,
                 causal=case.causal, provider="ours-triton")  # fmt: skip

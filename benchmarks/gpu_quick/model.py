@@ -53,7 +53,8 @@ def profile_table(fn, device: torch.device, rows: int = 15) -> tuple[str, list[d
     averages = prof.key_averages()
     table = averages.table(sort_by=attr, row_limit=rows)
     top = sorted(averages, key=lambda e: getattr(e, attr, 0) or 0, reverse=True)[:rows]
-    return table, [{"name": e.key[:120], "us": round(float(getattr(e, attr, 0) or 0), 1), "calls": e.count} for e in top]
+    return table, [{"name": e.key[:120], "us": round(float(getattr(e, attr, 0) or 0), 1), "calls": e.count}
+                   for e in top]  # fmt: skip
 
 
 def run(ctx) -> list[str]:

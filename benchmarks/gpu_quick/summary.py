@@ -52,7 +52,8 @@ def steps_section(rows) -> list[str]:
     head = []
     if starts:
         s = starts[-1]
-        head = [f"suite {s['suite']}, budget {s['budget_s']:.0f} s" + (", DRY RUN (CPU figures)" if s["dry_run"] else "")]
+        dry = ", DRY RUN (CPU figures)" if s["dry_run"] else ""
+        head = [f"suite {s['suite']}, budget {s['budget_s']:.0f} s{dry}"]
     return head + [""] + _table(["step", "status", "s", "rows", "detail"], body)
 
 

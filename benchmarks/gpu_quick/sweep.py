@@ -129,10 +129,29 @@ def _flat(out) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def run(ctx) -> list[str]:
+def time_candidate(family, cls, cfg, arch, built, refs: dict, device) -> dict[str, float]:
+    """{shape: ms} of one candidate over its class's shapes, after it reproduces the first config's outputs
+    (`refs`, filled by the table's config, which candidates() puts first)."""
     from sdxl_kernels import configs
 
     from .. import timing
+
+    with configs.override(family, cls, cfg, arch=arch), timing.forced_backend(OP_OF[family], "ours-triton"):
+        for shape, _, compare in built:
+            got = _flat(compare())
+            if shape.label not in refs:
+                refs[shape.label] = [t.detach().clone() for t in got]
+                continue
+            for a, b in zip(got, refs[shape.label]):
+                tol = TOL[b.dtype] * max(1.0, b.abs().max().item())
+                err = (a.float() - b.float()).abs().max().item()
+                if not err <= tol:
+                    raise AssertionError(f"{shape.label}: differs from the table's config by {err:.3g} > {tol:.3g}")
+        return {shape.label: _time(call, device) for shape, call, _ in built}
+
+
+def run(ctx) -> list[str]:
+    from sdxl_kernels import configs
 
     device = ctx.device
     arch = configs.device_arch(device)
@@ -157,18 +176,7 @@ def run(ctx) -> list[str]:
                 row = dict(op="sweep", family=family, cls=cls, config=dataclasses.asdict(cfg),
                            is_default=cfg == default, arch=arch)  # fmt: skip
                 try:
-                    with configs.override(family, cls, cfg, arch=arch), timing.forced_backend(OP_OF[family], "ours-triton"):
-                        for shape, call, compare in built:
-                            got = _flat(compare())
-                            if cfg == default or shape.label not in refs:
-                                refs.setdefault(shape.label, [t.detach().clone() for t in got])
-                            else:
-                                for a, b in zip(got, refs[shape.label]):
-                                    tol = TOL[b.dtype] * max(1.0, b.abs().max().item())
-                                    err = (a.float() - b.float()).abs().max().item()
-                                    if not err <= tol:
-                                        raise AssertionError(f"{shape.label}: differs from the table's config by {err:.3g} > {tol:.3g}")
-                        per_shape = {shape.label: _time(call, device) for shape, call, _ in built}
+                    per_shape = time_candidate(family, cls, cfg, arch, built, refs, device)
                     ms = sum(per_shape.values())
                     ctx.row(**row, ms=ms, per_shape=per_shape)
                     results.append((ms, cfg))
