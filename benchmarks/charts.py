@@ -133,7 +133,8 @@ def attention_chart(rows: list[dict], out: pathlib.Path, meta: dict) -> pathlib.
 
 
 def _case_name(r: dict) -> str:
-    return r.get("label") or f"{'×'.join(map(str, r['shape']))} {r.get('layout', '')}"
+    layout = r.get("layout")
+    return r.get("label") or "×".join(map(str, r["shape"])) + (f" {layout}" if layout and layout != "-" else "")
 
 
 def group_norm_chart(rows: list[dict], out: pathlib.Path, meta: dict) -> pathlib.Path:

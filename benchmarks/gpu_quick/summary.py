@@ -136,10 +136,23 @@ def kernels_section(rows) -> list[str]:
     return lines
 
 
+def _config(cfg: dict) -> str:
+    """{'block_m': 128, 'num_warps': 8, 'num_stages': 2, 'tma': True} → 'm=128 w=8 st=2 tma'."""
+    short = {"num_warps": "w", "num_stages": "st"}
+    parts = []
+    for key, value in cfg.items():
+        name = short.get(key, key.removeprefix("block_"))
+        if value is True:
+            parts.append(name)
+        elif value not in (None, False):
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
 def sweep_section(rows) -> list[str]:
     best = [r for r in rows if r.get("step") == "sweep" and r.get("kind") == "best"]
     body = [[r["family"], r["cls"], _f(r.get("default_ms"), "{:.4g}"), _f(r.get("best_ms"), "{:.4g}"),
-             _f(r.get("gain"), "{:.2f}×"), str(r.get("best"))[:70]] for r in best]  # fmt: skip
+             _f(r.get("gain"), "{:.2f}×"), _config(r.get("best") or {})] for r in best]  # fmt: skip
     return _table(["sweep family", "class", "default ms", "best ms", "gain", "best config"], body)
 
 
