@@ -1,6 +1,11 @@
 """The markdown tables the benchmark sessions print and write beside their JSON."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .results import Row
+
 NOISY_RATIO = 2.0  # a median this many times the fastest single call is flagged in the table
 BUSY_SHARE = 0.1  # so is a measurement while other processes took more than this share of the CPUs
 # the order rows are listed in (others after these)

@@ -107,13 +107,9 @@ def main(argv=None) -> int:
     return sum(1 << bit for bit in set(failed))
 
 
-_CHILD: subprocess.Popen | None = None
-
-
 def run_step(name: str, out: pathlib.Path, limit: float, dry_run: bool, runlog: log.RowLog) -> str:
     """Run one step in a child process for at most `limit` seconds; its status ("ok", "failed (rc N)",
     "timed out", "killed")."""
-    global _CHILD
     env = dict(os.environ)
     if dry_run:
         env["TRITON_INTERPRET"] = "1"  # before the child's first triton import
@@ -126,7 +122,7 @@ def run_step(name: str, out: pathlib.Path, limit: float, dry_run: bool, runlog: 
     root = pathlib.Path(__file__).resolve().parents[2]
     runlog.write({"name": name, "limit_s": round(limit, 1)}, kind="step-start")
     print(f"[gpu_quick] {name}: limit {limit:.0f} s", flush=True)
-    _CHILD = child = subprocess.Popen(cmd, cwd=root, env=env)
+    child = subprocess.Popen(cmd, cwd=root, env=env)
     try:
         rc = child.wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -136,8 +132,6 @@ def run_step(name: str, out: pathlib.Path, limit: float, dry_run: bool, runlog: 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time; the summary is written next
         _stop(child)
         raise
-    finally:
-        _CHILD = None
     return "ok" if rc == 0 else f"failed (rc {rc})"
 
 

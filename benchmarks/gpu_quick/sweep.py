@@ -21,7 +21,6 @@ import dataclasses
 import time
 
 import torch
-import torch.nn.functional as F
 
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 REP_MS, WARMUP_MS = 40, 10
