@@ -5,6 +5,7 @@ from .ops.fourier_embedding import fourier_embedding
 from .ops.group_norm_silu import GroupNormSiLU, group_norm_silu
 from .patch import PatchReport, patch, unpatch, use_kernels
 from .reference import attention_ref, fourier_embedding_ref, group_norm_silu_ref
+from .switch import KernelSwitch, set_default_use_kernels
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ extension()  # load the C++/CUDA extension now; warns once if it is not built
 __all__ = [
     "BACKENDS",
     "GroupNormSiLU",
+    "KernelSwitch",
     "PatchReport",
     "attention_ref",
     "flash_attention",
@@ -25,6 +27,7 @@ __all__ = [
     "patch",
     "scaled_dot_product_attention",
     "set_backend",
+    "set_default_use_kernels",
     "unpatch",
     "use_kernels",
 ]

@@ -13,7 +13,8 @@ What `patch` recognises (by structure and class name; diffusers is never importe
                    sgm/ldm CrossAttention / MemoryEfficientCrossAttention (to_q/to_k/to_v/to_out, heads); sgm/ldm
                    VAE AttnBlock / MemoryEfficientAttnBlock (norm, 1×1 conv q/k/v/proj_out)
   embedding        diffusers `Timesteps` and sgm `Timestep` → `fourier_embedding`
-  native           this project's own modules (a `kernels` switch): switched on
+  native           modules with a `KernelSwitch` (this project's own, or yours): switched on when every kind
+                   their forward routes (KERNEL_KINDS) is being patched
 
 How: parameters never move and module paths never change, so the state dict is untouched. A GroupNorm becomes
 our `GroupNormSiLU` by a class swap (same object, same Parameters, hooks kept); the SiLU after it in a
@@ -42,6 +43,7 @@ from .ops import attention as _attention
 from .ops.attention import scaled_dot_product_attention
 from .ops.fourier_embedding import fourier_embedding
 from .ops.group_norm_silu import GroupNormSiLU, check_inputs, group_norm_silu
+from .switch import KernelSwitch
 
 KINDS = ("group_norm_silu", "group_norm", "attention", "embedding", "native")
 _STATE = "_sdxl_kernels_patch"  # instance attribute of a patched model: the report and the undo log
@@ -211,7 +213,7 @@ class _Patcher:
         if _is_ours(m):
             self.left("native", path, "already patched by sdxl_kernels (patched through another model?)")
             return
-        if _is_native_switch(m):
+        if isinstance(m, KernelSwitch):
             self.native(path, m)
             return
         if self.flags["group_norm_silu"]:
@@ -387,10 +389,8 @@ class _Patcher:
 
     # -- our own modules --------------------------------------------------------------------------------
 
-    def native(self, path: str, m: nn.Module) -> None:
-        flag = ("group_norm_silu" if isinstance(m, GroupNormSiLU) else
-                "attention" if hasattr(m, "to_q") or hasattr(m, "q") else "embedding")  # what the switch routes
-        if not self.flags[flag]:
+    def native(self, path: str, m: KernelSwitch) -> None:
+        if not all(self.flags[k] for k in m.KERNEL_KINDS):  # what its own forward routes (none: a container)
             return
         if m.kernels:
             self.left("native", path, f"{type(m).__name__} already runs on sdxl_kernels")
@@ -406,11 +406,6 @@ def _join(*parts: str) -> str:
 
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-def _is_native_switch(m: nn.Module) -> bool:
-    """This project's modules (sdxl_model) carry a `kernels` property over a `_kernels` attribute."""
-    return isinstance(getattr(type(m), "kernels", None), property) and hasattr(m, "_kernels")
 
 
 # ---- the overridden forwards ----------------------------------------------------------------------------

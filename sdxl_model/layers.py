@@ -1,4 +1,4 @@
-"""Layers shared by the UNet and the VAE: the per-module kernel switch and GroupNorm(+SiLU) on it."""
+"""Layers shared by the UNet and the VAE: GroupNorm(+SiLU) on the kernel switch, and the ×2 upsampler."""
 from __future__ import annotations
 
 import torch
@@ -6,29 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdxl_kernels
-
-_default_kernels = True
-
-
-def set_default_use_kernels(enabled: bool) -> None:
-    """The process-wide default of every model whose `use_kernels` was not called (or called with None)."""
-    global _default_kernels
-    _default_kernels = bool(enabled)
+from sdxl_kernels.switch import KernelSwitch
 
 
-class _KernelSwitch(nn.Module):
-    """A module whose forward can use sdxl_kernels or plain torch; `use_kernels` on the UNet or the VAE
-    flips every one inside it."""
-
-    _kernels: bool | None = None  # None: follow the process-wide default
-
-    @property
-    def kernels(self) -> bool:
-        return _default_kernels if self._kernels is None else self._kernels
-
-
-class GroupNormAct(sdxl_kernels.GroupNormSiLU, _KernelSwitch):
+class GroupNormAct(sdxl_kernels.GroupNormSiLU, KernelSwitch):
     """GroupNorm, optionally followed by SiLU; the state dict of `nn.GroupNorm`."""
+
+    KERNEL_KINDS = ("group_norm_silu",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels:

@@ -9,25 +9,26 @@ tested against.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import sdxl_kernels
+from sdxl_kernels.switch import KernelSwitch, set_default_use_kernels  # noqa: F401 (re-exported)
 
 from .config import UNetConfig
-from .layers import GroupNormAct, Upsample, _KernelSwitch, set_default_use_kernels  # noqa: F401 (re-exported)
+from .layers import GroupNormAct, Upsample
 
 RESNET_EPS = 1e-5  # ResBlock and final GroupNorms
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer GroupNorm
 LAYER_NORM_EPS = 1e-5
 
 
-class Attention(_KernelSwitch):
+class Attention(KernelSwitch, nn.Module):
     """Multi-head attention; self-attention when `context` is None. sgm `CrossAttention` names."""
+
+    KERNEL_KINDS = ("attention",)
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int):
         super().__init__()
@@ -164,12 +165,15 @@ class UNetStage(nn.ModuleList):
         return x
 
 
-class UNet(_KernelSwitch):
+class UNet(KernelSwitch, nn.Module):
     """The SDXL denoiser: eps = UNet(x, timesteps, context, y).
 
     x: (B, in_channels, H, W) with H, W divisible by 2**(levels-1); timesteps: (B,) float or int;
     context: (B, S, context_dim) text tokens; y: (B, adm_in_channels) pooled text + micro-conditioning.
+    `use_kernels(enabled)` (KernelSwitch) routes every GroupNorm(+SiLU), attention and the timestep embedding.
     """
+
+    KERNEL_KINDS = ("embedding",)  # its own forward: the timestep embedding
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -224,14 +228,6 @@ class UNet(_KernelSwitch):
 
     # ---- switches --------------------------------------------------------------------------------------
 
-    def use_kernels(self, enabled: bool | None = True) -> UNet:
-        """Route GroupNorm(+SiLU), the timestep embedding and attention through sdxl_kernels (True) or plain
-        torch (False); None follows `set_default_use_kernels`."""
-        for m in self.modules():
-            if isinstance(m, _KernelSwitch):
-                m._kernels = None if enabled is None else bool(enabled)
-        return self
-
     def gradient_checkpointing(self, enabled: bool = True) -> UNet:
         """Recompute each input/middle/output stage in the backward pass instead of storing activations."""
         self._checkpointing = bool(enabled)
@@ -244,7 +240,7 @@ class UNet(_KernelSwitch):
         dim = self.config.model_channels
         if self.kernels:
             return sdxl_kernels.fourier_embedding(timesteps.float(), dim)
-        return _timestep_embedding_torch(timesteps, dim)
+        return sdxl_kernels.fourier_embedding_ref(timesteps, dim)
 
     def _stage(self, stage: UNetStage, h, emb, context):
         if self._checkpointing and torch.is_grad_enabled():
@@ -285,13 +281,3 @@ class UNet(_KernelSwitch):
             h = self._stage(stage, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
 
-
-def _timestep_embedding_torch(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """sgm's float32 sinusoid: freqs exp(-ln(max_period)·i/half), [cos, sin], zero pad for odd dim."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb

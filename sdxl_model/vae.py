@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdxl_kernels
+from sdxl_kernels.switch import KernelSwitch
 
 from .config import VAEConfig
 from .keys import mismatch
-from .layers import GroupNormAct, Upsample, _KernelSwitch
+from .layers import GroupNormAct, Upsample
 
 NORM_EPS = 1e-6  # every GroupNorm of the VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # the clamp sgm's DiagonalGaussianDistribution and diffusers apply
@@ -52,8 +53,10 @@ class ResnetBlock(nn.Module):
         return self.nin_shortcut(x) + h
 
 
-class AttnBlock(_KernelSwitch):
+class AttnBlock(KernelSwitch, nn.Module):
     """Single-head self-attention over the H·W pixels, q/k/v/proj_out as 1x1 convs, scale C^-1/2, residual."""
+
+    KERNEL_KINDS = ("attention",)
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
@@ -166,12 +169,13 @@ class Decoder(nn.Module):
         return self.conv_out(self.norm_out(h))
 
 
-class AutoencoderKL(_KernelSwitch):
+class AutoencoderKL(KernelSwitch, nn.Module):
     """The SDXL VAE: a KL-regularised autoencoder with a diagonal Gaussian posterior.
 
     encode: image (B, in_channels, H, W) in [-1, 1], H and W multiples of `config.downsample_factor`
             -> (mean, logvar), each (B, embed_dim, H/f, W/f)
     decode: latent (B, embed_dim, h, w) -> image (B, out_channels, h·f, w·f)
+    `use_kernels(enabled)` (KernelSwitch) routes every GroupNorm(+SiLU) and attention inside it.
     """
 
     def __init__(self, config: VAEConfig):
@@ -181,14 +185,6 @@ class AutoencoderKL(_KernelSwitch):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
-    def use_kernels(self, enabled: bool | None = True) -> AutoencoderKL:
-        """Route GroupNorm(+SiLU) and attention through sdxl_kernels (True) or plain torch (False); None
-        follows `set_default_use_kernels`."""
-        for m in self.modules():
-            if isinstance(m, _KernelSwitch):
-                m._kernels = None if enabled is None else bool(enabled)
-        return self
 
     # ---- checks ----------------------------------------------------------------------------------------
 
