@@ -154,6 +154,18 @@ def select(op: str, predicates: dict[str, Predicate], *args) -> str:
     raise RuntimeError(f"{op}: no backend can serve these inputs")  # pragma: no cover - torch accepts all
 
 
+def call(op: Callable, body: Callable, args: tuple, inputs: tuple):
+    """`op(*args)` (a torch.library op) when the dispatcher is needed: under torch.compile, or when autograd
+    must record the call (grad mode on and an input in `inputs` requires grad). Otherwise `body(*args)`, the
+    function the op runs, called directly: the same backend choice and kernels without the dispatcher's
+    ~10 µs, which matter for launch-bound ops. Every op's public function goes through here."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return op(*args)
+    return body(*args)
+
+
 _AUTO_CUDA = BACKENDS
 _AUTO_OTHER = tuple(b for b in BACKENDS if b != "triton")
 

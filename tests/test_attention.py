@@ -368,6 +368,41 @@ def test_unsupported_goes_to_torch(kwargs, dtype):
         scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads_kv", [3, 1])
+def test_torch_backend_inside_the_op(causal, heads_kv, monkeypatch):
+    """Inputs no kernel takes (float32 here) still go through the op under autograd: PyTorch's SDPA serves
+    forward and backward, and the op's lse is the exact row logsumexp (computed a few rows at a time)."""
+    monkeypatch.setattr(attn, "LSE_CHUNK", 64)  # several chunks even at this size
+    q, k, v, dout = make_qkv(2, 3, 21, 17, 16, torch.float32, heads_kv=heads_kv)
+    gqa = heads_kv != 3
+    out, grads = run(scaled_dot_product_attention, q, k, v, dout, is_causal=causal, enable_gqa=gqa)
+    assert sdxl_kernels.last_backend(OP) == "torch"
+    out_ref, grads_ref = ref64(q, k, v, dout, causal)
+    torch.testing.assert_close(out, out_ref.float(), atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+    _, lse = flash_attention_fwd_op(q, k, v, causal, 0.25)
+    kk = k.double().repeat_interleave(3 // heads_kv, dim=1)
+    scores = (q.double() @ kk.transpose(-1, -2)) * 0.25
+    if causal:
+        scores = scores.masked_fill(~torch.ones(21, 17, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_on_torch_backward_on_triton(poison):
+    """The lse of the torch backend is exact, so the Triton backward may follow it (a backend forced between
+    forward and backward)."""
+    q, k, v, dout = make_qkv(1, 2, 37, 29, 64, torch.float16)
+    backends.set_backend(OP, "torch")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves)
+    backends.set_backend(OP, "triton")
+    out.backward(dout)
+    assert sdxl_kernels.last_backend(OP) == "triton"
+    check_all(out.detach(), [t.grad for t in leaves], q, k, v, dout, torch.float16)
+
+
 def test_signature_matches_pytorch():
     q = torch.randn(1, 1, 3, 8)
     for fn in (F.scaled_dot_product_attention, scaled_dot_product_attention):

@@ -804,8 +804,9 @@ def forward_path(q, k, v) -> str:
     return "tma" if forward_config(q, k, v).tma else "pointers"
 
 
-def _triton_forward(q, k, v, causal, scale):
-    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D) → out (B, H, Lq, D) in q's memory layout, lse (B, H, Lq) fp32."""
+def _triton_forward(q, k, v, causal, scale, want_lse=True):
+    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D) → out (B, H, Lq, D) in q's memory layout, lse (B, H, Lq) fp32
+    (always written: it costs the kernel nothing)."""
     bsz, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     out = torch.empty_like(q)
@@ -1021,10 +1022,88 @@ def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     )
 
 
-def _require_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    why = _triton_reason(q, k, v, None, 0.0, False, None, True)
-    if why is not None:
-        raise RuntimeError(f"sdxl_kernels::flash_attention: {why}")
+LSE_CHUNK = 2**24  # score elements per step of the torch backend's lse and backward: 64 MiB of float32
+
+
+def _rows_per_step(q, k) -> int:
+    return max(1, LSE_CHUNK // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+
+
+def _scores(q_rows, kt, i0, causal, scale):
+    """scale · q kᵀ for query rows i0.. (B, H, rows, Lk), -inf where causal hides key j > query i."""
+    s = (q_rows @ kt) * scale
+    if causal:
+        rows = torch.arange(i0, i0 + s.shape[2], device=s.device)[:, None]
+        s = s.masked_fill(torch.arange(s.shape[3], device=s.device)[None, :] > rows, float("-inf"))
+    return s
+
+
+def _torch_lse(q, k, causal, scale):
+    """lse (B, H, Lq) float32 = log Σ_j exp(scale · q_i·k_j) over the visible keys, a block of query rows at a
+    time, so no (Lq, Lk) buffer of the whole sequence is held."""
+    bsz, heads, lq, _ = q.shape
+    kt = k.float().repeat_interleave(heads // k.shape[1], dim=1).transpose(-1, -2)  # (B, H, D, Lk)
+    lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
+    step = _rows_per_step(q, k)
+    for i0 in range(0, lq, step):
+        lse[:, :, i0 : i0 + step] = _scores(q[:, :, i0 : i0 + step].float(), kt, i0, causal, scale).logsumexp(-1)
+    return lse
+
+
+def _torch_forward(q, k, v, causal, scale, want_lse=True):
+    """The torch backend inside the op: PyTorch's SDPA, and (when the op needs it) the exact lse in float32,
+    so either backend's backward can follow either backend's forward."""
+    out = _torch_sdpa(q, k, v, None, 0.0, causal, scale, k.shape[1] != q.shape[1])
+    if not want_lse:
+        return out, None
+    return out, _torch_lse(q, k, causal, scale)
+
+
+def _torch_backward(dout, q, k, v, out, lse, causal, scale):
+    """The torch backend's gradients: the backward formulas of the module docstring in plain PyTorch (float32;
+    float64 inputs in float64), a block of query rows at a time; GQA sums the group's dK/dV. Deterministic."""
+    ct = torch.promote_types(q.dtype, torch.float32)
+    bsz, heads, lq, head_dim = q.shape
+    heads_kv, lk = k.shape[1], k.shape[2]
+    group = heads // heads_kv
+    kc = k.to(ct).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    vc = v.to(ct).repeat_interleave(group, dim=1)
+    kt = kc.transpose(-1, -2)
+    dq = torch.empty(bsz, heads, lq, head_dim, device=q.device, dtype=ct)
+    dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)  # (B, H, Lq) = rowsum(P ∘ dP)
+    step = _rows_per_step(q, k)
+    for i0 in range(0, lq, step):
+        rows = slice(i0, i0 + step)
+        q_i, do_i = q[:, :, rows].to(ct), dout[:, :, rows].to(ct)
+        p = torch.exp(_scores(q_i, kt, i0, causal, scale) - lse[:, :, rows, None].to(ct))  # (B, H, rows, Lk)
+        dv += p.transpose(-1, -2) @ do_i
+        ds = p * (do_i @ vc.transpose(-1, -2) - delta[:, :, rows, None])
+        dq[:, :, rows] = (ds @ kc) * scale
+        dk += (ds.transpose(-1, -2) @ q_i) * scale
+    if group > 1:
+        dk = dk.view(bsz, heads_kv, group, lk, head_dim).sum(2)
+        dv = dv.view(bsz, heads_kv, group, lk, head_dim).sum(2)
+    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
+
+
+FORWARD = {"triton": _triton_forward, "torch": _torch_forward}
+BACKWARD = {"triton": _triton_backward, "torch": _torch_backward}
+
+
+def _select(q, k, v, causal, scale) -> str:
+    """The backend of one call of the ops: (B, H, L, D) tensors, no mask, no dropout."""
+    return backends.select(OP, PREDICATES, q, k, v, None, 0.0, causal, scale, k.shape[1] != q.shape[1])
+
+
+def _forward(q, k, v, causal, scale, want_lse=True):
+    """The forward op's body: picks the backend, runs it. want_lse=False (inference, no op around it) spares
+    the torch backend its lse."""
+    return FORWARD[_select(q, k, v, causal, scale)](q, k, v, causal, scale, want_lse)
+
+
+def _forward_out(q, k, v, causal, scale):
+    return _forward(q, k, v, causal, scale, want_lse=False)
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------------
@@ -1034,9 +1113,9 @@ def _require_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def flash_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D), H_kv dividing H → (out (B, H, Lq, D), lse (B, H, Lq) float32)."""
-    _require_triton(q, k, v)
-    return _triton_forward(q, k, v, causal, scale)
+    """q (B, H, Lq, D), k/v (B, H_kv, Lk, D), H_kv dividing H → (out (B, H, Lq, D), lse (B, H, Lq) float32).
+    Served by the backend `sdxl_kernels.backends` picks: Triton, else PyTorch's SDPA."""
+    return _forward(q, k, v, causal, scale)
 
 
 @flash_attention_fwd_op.register_fake
@@ -1056,8 +1135,7 @@ def flash_attention_bwd_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from dout (B, H, Lq, D) and the forward's out and lse."""
-    _require_triton(q, k, v)
-    return _triton_backward(dout, q, k, v, out, lse, causal, scale)
+    return BACKWARD[_select(q, k, v, causal, scale)](dout, q, k, v, out, lse, causal, scale)
 
 
 @flash_attention_bwd_op.register_fake
@@ -1085,12 +1163,10 @@ flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context
 # ---- public API ---------------------------------------------------------------------------------------------
 
 
-def _flash(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
+def _attention(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
+    """(B, H, L, D) attention through the op (autograd, torch.compile) or its body (inference)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if torch.compiler.is_compiling() or needs_grad:
-        return flash_attention_fwd_op(q, k, v, causal, scale)[0]
-    return _triton_forward(q, k, v, causal, scale)[0]  # inference: the op's body without the dispatcher
+    return backends.call(flash_attention_fwd_op, _forward_out, (q, k, v, causal, scale), (q, k, v))[0]
 
 
 def scaled_dot_product_attention(
@@ -1113,11 +1189,28 @@ def scaled_dot_product_attention(
     memory layout, so [B, L, H, D] tensors viewed as [B, H, L, D] give a [B, L, H, D]-contiguous output.
     """
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not isinstance(query, torch.Tensor):
-        return _torch_sdpa(*args)  # PyTorch's own TypeError
-    if backends.select(OP, PREDICATES, *args) == "torch":
+    if not _op_can_take(*args):
+        # Outside the op's signature (a mask, dropout, tensors that are not (B, H, L, D) of one dtype, device
+        # and head count a GQA group divides): PyTorch's SDPA, once the registry confirms no forced kernel
+        # backend is being asked for (it raises then, saying why).
+        backends.select(OP, PREDICATES, *args)
         return _torch_sdpa(*args)
-    return _flash(query, key, value, is_causal, scale)
+    return _attention(query, key, value, is_causal, scale)
+
+
+def _op_can_take(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """True when the call fits the ops' (q, k, v, causal, scale) contract, whichever backend then serves."""
+    if attn_mask is not None or dropout_p != 0.0:
+        return False
+    if not all(type(t) is torch.Tensor and t.dim() == 4 and t.is_floating_point() for t in (query, key, value)):
+        return False
+    if not (query.dtype == key.dtype == value.dtype and query.device == key.device == value.device):
+        return False
+    bsz, heads, _, head_dim = query.shape
+    if key.shape != value.shape or key.shape[0] != bsz or key.shape[3] != head_dim:
+        return False
+    heads_kv = key.shape[1]
+    return heads_kv == heads or (enable_gqa and heads_kv > 0 and heads % heads_kv == 0)
 
 
 def _check_blhd(q, k, v) -> None:

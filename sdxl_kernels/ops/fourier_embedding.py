@@ -19,12 +19,11 @@ import dataclasses
 import torch
 
 from .. import backends, configs
-from ..reference import fourier_frequencies
+from ..reference import fourier_embedding_ref, fourier_frequencies
 from ._triton import TRITON_TYPES, KernelSpec, tl, triton
 
 OP = "fourier_embedding"
 FAMILY = "fourier_embedding"  # its launch configs in sdxl_kernels.configs
-_C = backends.extension()
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -134,7 +133,8 @@ def frequencies(dim: int, max_period: float, shift: float, device: torch.device)
     return freqs
 
 
-def _triton_run(values, freqs, out, dim, flip):
+def _triton_run(values, out, dim, max_period, flip, shift):
+    freqs = frequencies(dim, max_period, shift, values.device)
     bsz, n = values.shape
     half = dim // 2
     cfg = configs.get(FAMILY, "all", configs.device_arch(values.device))
@@ -144,17 +144,14 @@ def _triton_run(values, freqs, out, dim, flip):
     )  # fmt: skip
 
 
-def _ext_run(values, freqs, out, dim, flip):
+def _ext_run(values, out, dim, max_period, flip, shift):
+    freqs = frequencies(dim, max_period, shift, values.device)
     stream = torch.cuda.current_stream(values.device).cuda_stream if values.is_cuda else 0
-    _C.fourier_embedding(values, freqs, out, dim, flip, stream)
+    backends.extension().fourier_embedding(values, freqs, out, dim, flip, stream)
 
 
-def _torch_run(values, freqs, out, dim, flip):
-    a = values.unsqueeze(-1) * freqs  # (B, N, half)
-    parts = [torch.cos(a), torch.sin(a)] if flip else [torch.sin(a), torch.cos(a)]
-    if dim % 2:
-        parts.append(a.new_zeros(a.shape[:-1] + (1,)))
-    out.copy_(torch.cat(parts, dim=-1).reshape(out.shape))
+def _torch_run(values, out, dim, max_period, flip, shift):
+    out.copy_(fourier_embedding_ref(values, dim, max_period, flip, shift))  # float32, as the kernels compute
 
 
 def _kernel_reason(backend: str):
@@ -177,7 +174,7 @@ def _run(values, out, dim, max_period, flip, shift):
     backend = backends.select(OP, PREDICATES, values, out)
     if values.numel() == 0:
         return
-    RUN[backend](values, frequencies(dim, max_period, shift, values.device), out, dim, flip)
+    RUN[backend](values, out, dim, max_period, flip, shift)
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------------
@@ -188,8 +185,13 @@ def fourier_embedding_op(
     values: torch.Tensor, dim: int, max_period: float, flip_sin_to_cos: bool, shift: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """values float32 (B, N) contiguous → (B, N·dim) of `dtype`."""
+    return _embed(values, dim, max_period, flip_sin_to_cos, shift, dtype)
+
+
+def _embed(values, dim, max_period, flip, shift, dtype):
+    """The op's body: a new (B, N·dim) tensor of `dtype`, written by _run."""
     out = torch.empty(values.shape[0], values.shape[1] * dim, dtype=dtype, device=values.device)
-    _run(values, out, dim, max_period, flip_sin_to_cos, shift)
+    _run(values, out, dim, max_period, flip, shift)
     return out
 
 
@@ -288,13 +290,7 @@ def fourier_embedding(
     if rows.dtype != torch.float32 or not rows.is_contiguous():
         rows = rows.to(torch.float32).contiguous()
     args = (dim, float(max_period), flip_sin_to_cos, float(downscale_freq_shift))
-    if torch.compiler.is_compiling() or (rows.requires_grad and torch.is_grad_enabled()):
-        if out is not None:
-            fourier_embedding_out_op(rows, out, *args)
-            return out
-        return fourier_embedding_op(rows, *args, dtype)
-    # Eager without autograd: the op's own body, minus the dispatcher's ~10 µs (this op is launch-bound).
     if out is None:
-        out = torch.empty(rows.shape[0], rows.shape[1] * dim, dtype=dtype, device=rows.device)
-    _run(rows, out, *args)
+        return backends.call(fourier_embedding_op, _embed, (rows, *args, dtype), (rows,))
+    backends.call(fourier_embedding_out_op, _run, (rows, out, *args), (rows,))
     return out

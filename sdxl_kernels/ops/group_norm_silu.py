@@ -765,13 +765,7 @@ def group_norm_silu(
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
     args = (x, num_groups, weight, bias, float(eps), activation == "silu")
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
-        return group_norm_silu_op(*args)[0]
-    return _forward(*args)[0]  # inference: the op's body without the dispatcher round trip
-
-
-def _any_requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+    return backends.call(group_norm_silu_op, _forward, args, (x, weight, bias))[0]
 
 
 class GroupNormSiLU(nn.GroupNorm):
