@@ -27,6 +27,7 @@ from torch import nn
 
 from . import text as _T
 from .config import UNetConfig, VAEConfig
+from .keys import check_state_shapes, first_names
 from .unet import UNet
 from .vae import AutoencoderKL, diffusers_vae_key_map
 
@@ -49,7 +50,6 @@ DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.fp16.bin",
 )
-_SHOW = 5  # names shown per category in error messages
 
 
 # ---- the diffusers <-> sgm key map -----------------------------------------------------------------------
@@ -239,34 +239,6 @@ def _describe_config(cfg: UNetConfig) -> str:
     return f"a UNet expecting an ADM vector of {cfg.adm_in_channels}{family} and context of {cfg.context_dim}"
 
 
-def _first(names, n=_SHOW) -> str:
-    names = sorted(names)
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
-def check_state_shapes(
-    expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str | None = None
-) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped tensor (counts + first names)."""
-    missing = expected.keys() - found.keys()
-    unexpected = found.keys() - expected.keys()
-    wrong = {k for k in expected.keys() & found.keys() if tuple(expected[k]) != tuple(found[k])}
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{source} does not match the model:"]
-    if missing:
-        lines.append(f"  {len(missing)} missing: {_first(missing)}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected: {_first(unexpected)}")
-    if wrong:
-        shown = sorted(wrong)[:_SHOW]
-        detail = ", ".join(f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})" for k in shown)
-        lines.append(f"  {len(wrong)} with the wrong shape: {detail}" + (", ..." if len(wrong) > _SHOW else ""))
-    if hint:
-        lines.append(f"  {hint}")
-    raise ValueError("\n".join(lines))
-
-
 # ---- public API ------------------------------------------------------------------------------------------
 
 
@@ -361,7 +333,7 @@ def _unet_names(shapes: Mapping[str, tuple], cfg: UNetConfig, file: Path, diffus
         raise ValueError(
             f"{file}: no UNet tensors found; expected the official layout ('{UNET_PREFIX}input_blocks...'), "
             f"a diffusers UNet ('conv_in.weight', 'down_blocks...') or a bare UNet state dict "
-            f"('input_blocks...'); first keys: {_first(shapes, 3)}"
+            f"('input_blocks...'); first keys: {first_names(shapes, 3)}"
         )
     return {k: k for k in shapes}
 
@@ -450,7 +422,7 @@ def _vae_names(shapes: Mapping[str, tuple], cfg: VAEConfig, file: Path, diffuser
         raise ValueError(
             f"{file}: no VAE tensors found{what}; expected the official layout ('{VAE_PREFIX}encoder...'), "
             f"a diffusers AutoencoderKL ('encoder.down_blocks...') or a bare VAE state dict ('encoder...', "
-            f"'decoder...'); first keys: {_first(shapes, 3)}"
+            f"'decoder...'); first keys: {first_names(shapes, 3)}"
         )
     return {k: k for k in shapes}
 

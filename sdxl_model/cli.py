@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import struct
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import torch
 
 from . import sampling
+from .progress import Progress
 from .presets import tiny_components
 
 
@@ -149,21 +149,17 @@ def write_png(path: Path, image_hwc_uint8: torch.Tensor, parameters: str) -> Non
 
 
 class _Progress:
-    """Progress on stderr: one overwritten line per step."""
+    """The pipeline's callback as a progress line (sdxl_model.progress), with the stage of each step."""
 
     def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+        self.bar = Progress(total, enabled=not quiet)
 
     def __call__(self, info: dict) -> None:
-        self.done += 1
-        if not self.quiet:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"\r{info.get('stage', '')} step {self.done}/{self.total} ({rate:.2f} it/s)", end="",
-                  file=sys.stderr, flush=True)
+        self.bar.desc = info.get("stage", "")
+        self.bar.update()
 
     def close(self) -> None:
-        if not self.quiet:
-            print(file=sys.stderr)
+        self.bar.close()
 
 
 # ---- main --------------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ noise * sigma0 for the samplers here, or noise * sqrt(1 + sigma0^2) as sgm does 
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from .progress import Progress
 
 Denoiser = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -271,17 +272,18 @@ def _validate(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.detach().to("cpu")
 
 
-class _Progress:
-    """tqdm-free progress: silent unless disable is False, then one line per step on stderr."""
+class _Steps:
+    """The step indices of a sampler, with progress shown (sdxl_model.progress) only when disable is False."""
 
     def __init__(self, n: int, disable):
         self.n, self.show = n, disable is False
 
     def __iter__(self):
+        bar = Progress(self.n, enabled=self.show)
         for i in range(self.n):
-            if self.show:
-                print(f"\rstep {i + 1}/{self.n}", end="" if i + 1 < self.n else "\n", file=sys.stderr)
             yield i
+            bar.update()
+        bar.close()
 
 
 def _setup(model, x, sigmas, extra_args, disable):
@@ -294,7 +296,7 @@ def _setup(model, x, sigmas, extra_args, disable):
     def den(x_, sigma):
         return model(x_, sigma * s_in, **extra_args)
 
-    return sigmas, den, _Progress(len(sigmas) - 1, disable)
+    return sigmas, den, _Steps(len(sigmas) - 1, disable)
 
 
 def _callback(callback, x, i, sigma, sigma_hat, denoised):

@@ -17,6 +17,25 @@ from sdxl_kernels import backends  # noqa: E402
 FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="run the exhaustive grids whole (the default run takes a rotating slice of each)")
+
+
+def rotating_slice(n: int) -> int:
+    """Which of n slices of an exhaustive grid today's default run takes: the UTC day number mod n, so that n
+    consecutive days cover the grid (SDXL_TEST_SLICE=k picks one)."""
+    import time
+
+    return int(os.environ.get("SDXL_TEST_SLICE", int(time.time() // 86400))) % n
+
+
+@pytest.fixture
+def slow(request) -> bool:
+    """True under `pytest --slow`: exhaustive grids run whole."""
+    return request.config.getoption("--slow")
+
+
 def available_backends() -> list[str]:
     """Backends this machine can run: triton needs CUDA or the interpreter, cpu/cuda need the extension."""
     names = []

@@ -225,7 +225,7 @@ def test_arbitrary_strides(triton_backend, poison):
     dout = torch.randn(2, 3, 50, d, generator=gen).half().to(DEVICE)
     assert k.stride(-1) != 1 and v.stride(0) == 0 and q.stride(2) == d + 5
     out, grads = run(scaled_dot_product_attention, q, k, v, dout, scale=0.3)
-    assert attn._stride_args(q, k, v)[1] == 1  # row strides 59·45: not multiples of 8
+    assert attn._stride_kwargs(q=q, k=k, v=v)[1] == 1  # row strides 59·45: not multiples of 8
     check_all(out, grads, q, k, v, dout, torch.float16, scale=0.3)
 
 

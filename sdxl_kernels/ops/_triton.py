@@ -14,6 +14,35 @@ except ImportError:  # pragma: no cover - Triton ships with Linux torch wheels
     tl = None
 
 
+if triton is not None:
+    # Interpreter shims: under TRITON_INTERPRET=1 the kernels take UPCAST=True for bfloat16 (interpret_upcast),
+    # and these stand in for what the GPU does natively; compiled with UPCAST=False they are the plain ops.
+
+    @triton.jit
+    def _rne_bf16(x):
+        """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32. For the interpreter
+        only, whose float32 → bfloat16 cast truncates; GPUs round to nearest."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _like(x, ref, UPCAST: tl.constexpr):
+        """x in ref's dtype, the operand of a tensor-core dot (UPCAST: the rounded value in float32)."""
+        if UPCAST:
+            return _rne_bf16(x)
+        return x.to(ref.dtype)
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr):
+        """acc + a @ b in float32 (acc None: a @ b); UPCAST (interpreter only, bf16) multiplies in float32 because
+        the interpreter's bf16 tl.dot is wrong (Triton issue 11584). The operands are already rounded to
+        bf16 values, so the result matches the GPU's bf16 × bf16 → fp32 product."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -26,6 +26,11 @@ or the ragged end of the sequence (MASKED=True).
 Head dims that are not powers of two (40, 80, 96, 160) run in a BLOCK_D = next power of two tile with the
 extra columns masked on load and store; tensors are read and written with all their strides, so
 [B, L, H, D] tensors viewed as [B, H, L, D] need no copies. Queries of head h read K/V head h // GROUP.
+
+Strides: every kernel takes each tensor's (batch, head, row, head-dim) strides by name (stride_qb, stride_qh,
+stride_qm, stride_qd, ...: _stride_kwargs). The batch, head and row strides arrive divided by ALIGN (8 when all
+of a launch's are multiples of 8, else 1), so the compiler knows rows start 16-byte aligned: vector loads and
+async copies even for head dim 40. Batch/head offsets are int64; offsets within one (batch, head) slice int32.
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ import torch.nn.functional as F
 
 from .. import backends, configs
 from ._triton import TRITON_TYPES, KernelSpec, interpret_upcast, next_power_of_2, tl, triton
+
+if triton is not None:
+    from ._triton import _dot, _like, _rne_bf16
 
 OP = "scaled_dot_product_attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -128,21 +136,6 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _rne_bf16(x):
-        """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32. For the interpreter
-        only, whose float32 → bfloat16 cast truncates; GPUs round to nearest."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _like(x, ref, UPCAST: tl.constexpr):
-        """x in ref's dtype, the operand of a tensor-core dot (UPCAST: the rounded value in float32)."""
-        if UPCAST:
-            return _rne_bf16(x)
-        return x.to(ref.dtype)
-
-    @triton.jit
     def _store_tile(base, x, rows, n_rows, stride_r, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     UPCAST: tl.constexpr):
         cols = tl.arange(0, BLOCK_D)
@@ -153,15 +146,6 @@ if triton is not None:
             tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=rows[:, None] < n_rows)
         else:
             tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
-
-    @triton.jit
-    def _dot(a, b, acc, UPCAST: tl.constexpr):
-        """acc + a @ b in float32 (acc None: a @ b); UPCAST (interpreter only, bf16) multiplies in float32 because
-        the interpreter's bf16 tl.dot is wrong (Triton issue 11584). The operands are already rounded to
-        bf16 values, so the result matches the GPU's bf16 × bf16 → fp32 product."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        return tl.dot(a, b, acc)
 
     @triton.jit
     def _key_range(m0, LK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -269,9 +253,7 @@ if triton is not None:
         ALIGN: tl.constexpr,
         TMA: tl.constexpr,  # Q, K, V and O through TMA descriptors (Hopper; ALIGN = 8 and unit stride_*d)
     ):
-        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
-        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
-        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        # Row strides back from ALIGN units (_stride_kwargs); batch/head strides stay in them (_slice_offset).
         stride_qm = stride_qm * ALIGN
         stride_kn = stride_kn * ALIGN
         stride_vn = stride_vn * ALIGN
@@ -341,9 +323,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
-        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
-        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
-        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        # Row strides back from ALIGN units (_stride_kwargs); batch/head strides stay in them (_slice_offset).
         stride_om = stride_om * ALIGN
         stride_dom = stride_dom * ALIGN
         pid_m = tl.program_id(0)
@@ -452,9 +432,7 @@ if triton is not None:
         ALIGN: tl.constexpr,
         TMA: tl.constexpr,  # the query-block loop loads Q and dO through TMA descriptors (ALIGN = 8, unit stride_d)
     ):
-        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
-        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
-        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        # Row strides back from ALIGN units (_stride_kwargs); batch/head strides stay in them (_slice_offset).
         stride_qm = stride_qm * ALIGN
         stride_kn = stride_kn * ALIGN
         stride_vn = stride_vn * ALIGN
@@ -592,9 +570,7 @@ if triton is not None:
         ALIGN: tl.constexpr,
         TMA: tl.constexpr,  # the key-block loop loads K and V through TMA descriptors (ALIGN = 8, unit stride_d)
     ):
-        # Batch, head and row strides arrive divided by ALIGN (8 when all are multiples of 8), which tells the
-        # compiler that rows start 16-byte aligned: vector loads and async copies even for head dim 40.
-        # Batch/head offsets are int64; offsets within one (batch, head) slice are int32.
+        # Row strides back from ALIGN units (_stride_kwargs); batch/head strides stay in them (_slice_offset).
         stride_qm = stride_qm * ALIGN
         stride_kn = stride_kn * ALIGN
         stride_vn = stride_vn * ALIGN
@@ -742,16 +718,26 @@ CONFIG_FAMILIES = (
 )  # fmt: skip
 
 
-def _stride_args(*tensors: torch.Tensor) -> tuple[list[int], int]:
-    """The (b, h, l, d) strides of each tensor with b, h, l divided by ALIGN, and ALIGN: 8 (16 bytes of
-    fp16/bf16) when every one of them is a multiple of 8, else 1."""
-    outer = [s for t in tensors for s in t.stride()[:3]]
-    align = 8 if all(s % 8 == 0 for s in outer) else 1
-    args = []
-    for t in tensors:
+ROW_LETTER = {"q": "m", "o": "m", "do": "m", "dq": "m", "k": "n", "v": "n", "dk": "n", "dv": "n"}
+
+
+def _stride_kwargs(**tensors: torch.Tensor) -> tuple[dict[str, int], int]:
+    """({stride_<name>b, stride_<name>h, stride_<name><row>, stride_<name>d: ...} for each (B, H, L, D) tensor
+    named as the kernels' parameters are (q, k, v, o, do, dq, dk, dv; row m for queries, n for keys), ALIGN):
+    batch, head and row strides divided by ALIGN = 8 (16 bytes of fp16/bf16) when every one is a multiple of
+    8, else 1. `_strides_of` picks one kernel's."""
+    align = 8 if all(s % 8 == 0 for t in tensors.values() for s in t.stride()[:3]) else 1
+    out = {}
+    for name, t in tensors.items():
         sb, sh, sl, sd = t.stride()
-        args += [sb // align, sh // align, sl // align, sd]
-    return args, align
+        out |= {f"stride_{name}b": sb // align, f"stride_{name}h": sh // align,
+                f"stride_{name}{ROW_LETTER[name]}": sl // align, f"stride_{name}d": sd}  # fmt: skip
+    return out, align
+
+
+def _strides_of(strides: dict[str, int], *names: str) -> dict[str, int]:
+    """The entries of `strides` (from _stride_kwargs) for the tensors `names`: what one kernel takes."""
+    return {k: v for k, v in strides.items() if k[len("stride_"):-1] in names}
 
 
 def tma_reason(*tensors: torch.Tensor) -> str | None:
@@ -816,11 +802,11 @@ def _triton_forward(q, k, v, causal, scale, want_lse=True):
     if lk == 0:  # softmax over no keys: PyTorch returns zeros
         return out.zero_(), lse.fill_(float("-inf"))
     cfg = forward_config(q, k, v, out)
-    strides, align = _stride_args(q, k, v, out)
+    strides, align = _stride_kwargs(q=q, k=k, v=v, o=out)
     if cfg.tma:  # tma_reason passed, so align is 8
         _ensure_allocator()
     _attn_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bsz * heads)](
-        q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, *strides,
+        q, k, v, out, lse, scale, heads, heads // k.shape[1], lq, lk, **strides,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         UPCAST=interpret_upcast(q.dtype), ALIGN=align, TMA=cfg.tma, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -840,9 +826,9 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
     group = heads // heads_kv
     bd = block_d(head_dim)
     delta = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)  # (B, H, Lq)
-    strides, align = _stride_args(out, dout)
+    strides, align = _stride_kwargs(o=out, do=dout)
     _attn_bwd_delta_kernel[(triton.cdiv(lq, PRE_BLOCK_M), bsz * heads)](
-        out, dout, delta, heads, lq, *strides,
+        out, dout, delta, heads, lq, **strides,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PRE_BLOCK_M, ALIGN=align, num_warps=PRE_WARPS, num_stages=1,
     )  # fmt: skip
     # GQA: each query head writes its own float32 dK/dV partials, summed over the group below (no atomics).
@@ -851,7 +837,7 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
         dk_h = torch.empty(bsz, heads, lk, head_dim, device=q.device, dtype=torch.float32)  # (B, H, Lk, D)
         dv_h = torch.empty_like(dk_h)
     cfg = bwd_config(head_dim, q.device)
-    strides, align = _stride_args(q, k, v, dout, dk_h, dv_h, dq)
+    strides, align = _stride_kwargs(q=q, k=k, v=v, do=dout, dk=dk_h, dv=dv_h, dq=dq)
     if cfg.tma and (align != 8 or tma_reason(q, k, v, dout) is not None):
         cfg = dataclasses.replace(cfg, tma=False)
     if cfg.tma:
@@ -860,11 +846,13 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
                  TMA=cfg.tma)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _attn_bwd_dkdv_kernel[(triton.cdiv(lk, cfg.block_n1), bsz * heads)](
-        q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk, *strides[:24],
+        q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk,
+        **_strides_of(strides, "q", "k", "v", "do", "dk", "dv"),
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, **flags, **launch,
     )  # fmt: skip
     _attn_bwd_dq_kernel[(triton.cdiv(lq, cfg.block_m2), bsz * heads)](
-        q, k, v, dout, dq, lse, delta, scale, heads, group, lq, lk, *strides[:16], *strides[24:],
+        q, k, v, dout, dq, lse, delta, scale, heads, group, lq, lk,
+        **_strides_of(strides, "q", "k", "v", "do", "dq"),
         BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **flags, **launch,
     )  # fmt: skip
     if group > 1:
@@ -920,34 +908,43 @@ def _fwd_table(arch: int, bd: int) -> list[FwdConfig]:
     return list(dict.fromkeys(tiles[:2] + [dataclasses.replace(c, tma=False) for c in tiles[2:]]))
 
 
+# The table variants compile_check builds, one row per (dtype, HEAD_DIM, BLOCK_D): every power-of-two head dim
+# in both dtypes; in float16 one padded head dim per BLOCK_D (the extra column masks), and the float32 GQA dK/dV
+# partials at HEAD_DIM = BLOCK_D. Each row × causal × arch × the arch's distinct table configs.
+COMPILE_SHAPES = tuple((dt, d, d) for dt in KERNEL_DTYPES for d in (64, 128, 256)) + tuple(
+    (torch.float16, d, bd) for d, bd in ((40, 64), (80, 128), (160, 256))
+)
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every variant the launchers can pick, for the arch whose table picks it (configs.table: the packaged
-    tables, with $SDXL_KERNELS_CONFIGS's entries in place): dtype × BLOCK_D (HEAD_DIM = BLOCK_D) × causal × each
-    distinct table config (sm_90: its TMA tiles and the pointer tiles it falls back to); plus, in float16, one
-    padded head dim per BLOCK_D (40, 80, 160: the extra column masks) and the dK/dV kernel writing float32 GQA
-    partials. Then each sweep candidate that is not a table config, labelled "candidate": bfloat16, non-causal,
-    HEAD_DIM = BLOCK_D only, which bounds the compile time (causal and padded variants differ from it by masks);
-    sm_90's backward candidates also by pointers, the loads they fall back to once a sweep puts them in a table."""
+    tables, with $SDXL_KERNELS_CONFIGS's entries in place): COMPILE_SHAPES × causal × each distinct table config
+    (sm_90: its TMA tiles and the pointer tiles it falls back to), the delta kernel once per shape. Then each
+    sweep candidate that is not a table config, labelled "candidate": bfloat16, non-causal, HEAD_DIM = BLOCK_D
+    only, which bounds the compile time (causal and padded variants differ from it by masks); sm_90's backward
+    candidates also by pointers, the loads they fall back to once a sweep puts them in a table."""
     specs = []
     for arch in configs.ARCHS:
-        for dtype in KERNEL_DTYPES:
-            t = TRITON_TYPES[dtype]
-            for head_dim, bd in ((64, 64), (128, 128), (256, 256), (40, 64), (80, 128), (160, 256)):
-                if head_dim != bd and dtype != torch.float16:
-                    continue
-                dims = dict(HEAD_DIM=head_dim, BLOCK_D=bd, ALIGN=8)
-                shape = f"{t} D={head_dim}/{bd}"
-                pre = dims | dict(BLOCK_M=PRE_BLOCK_M)
-                specs.append(_spec(_attn_bwd_delta_kernel, f"{shape} M{PRE_BLOCK_M}", dtype, pre, PRE_WARPS, 1, arch))
-                for causal in (False, True):
-                    flags = dims | dict(CAUSAL=causal, UPCAST=False)
-                    tag = f"{shape}{' causal' if causal else ''}"
-                    for c in _fwd_table(arch, bd):
-                        label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
-                        specs.append(_fwd_spec(label, dtype, flags, c, arch))
-                    c = configs.table(arch)["attention_bwd"][f"d{bd}"]
-                    specs += _bwd_specs(tag, dtype, flags, c, arch, gqa=head_dim == bd and dtype == torch.float16)
+        for dtype, head_dim, bd in COMPILE_SHAPES:
+            specs += _shape_specs(arch, dtype, head_dim, bd)
         specs += _candidate_specs(arch)
+    return specs
+
+
+def _shape_specs(arch: int, dtype: torch.dtype, head_dim: int, bd: int) -> list[KernelSpec]:
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=bd, ALIGN=8)
+    shape = f"{TRITON_TYPES[dtype]} D={head_dim}/{bd}"
+    pre = dims | dict(BLOCK_M=PRE_BLOCK_M)
+    specs = [_spec(_attn_bwd_delta_kernel, f"{shape} M{PRE_BLOCK_M}", dtype, pre, PRE_WARPS, 1, arch)]
+    gqa = head_dim == bd and dtype == torch.float16
+    bwd = configs.table(arch)["attention_bwd"][f"d{bd}"]
+    for causal in (False, True):
+        flags = dims | dict(CAUSAL=causal, UPCAST=False)
+        tag = f"{shape}{' causal' if causal else ''}"
+        for c in _fwd_table(arch, bd):
+            label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
+            specs.append(_fwd_spec(label, dtype, flags, c, arch))
+        specs += _bwd_specs(tag, dtype, flags, bwd, arch, gqa=gqa)
     return specs
 
 

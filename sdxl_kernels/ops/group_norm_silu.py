@@ -132,6 +132,17 @@ if triton is not None:
         return mean, rstd
 
     @triton.jit
+    def _load_affine(w_ptr, b_ptr, g, C_PER_G, c, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """(w, b) of group g's channels c (BLOCK_C,) in float32: 1 and 0 where the module has none."""
+        w = tl.full(c.shape, 1.0, tl.float32)
+        b = tl.zeros(c.shape, tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+        return w, b
+
+    @triton.jit
     def _gn_fwd_apply_kernel(
         x_ptr,  # (N, C, S) strided
         y_ptr,  # (N, C, S) same strides as x
@@ -170,12 +181,8 @@ if triton is not None:
         for c0 in range(0, C_PER_G, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C_PER_G
-            scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-            shift = tl.zeros([BLOCK_C], tl.float32)
-            if HAS_WEIGHT:
-                scale *= tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                shift = tl.load(b_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+            w, shift = _load_affine(w_ptr, b_ptr, g, C_PER_G, c, cmask, HAS_WEIGHT, HAS_BIAS)
+            scale = w * rstd
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]
@@ -233,12 +240,7 @@ if triton is not None:
         for c0 in range(0, C_PER_G, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C_PER_G
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-            b = tl.zeros([BLOCK_C], tl.float32)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                b = tl.load(b_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+            w, b = _load_affine(w_ptr, b_ptr, g, C_PER_G, c, cmask, HAS_WEIGHT, HAS_BIAS)
             acc_dzx = tl.zeros([BLOCK_C], tl.float32)
             acc_dz = tl.zeros([BLOCK_C], tl.float32)
             for s0 in range(s_start, s_end, BLOCK_S):
@@ -293,9 +295,7 @@ if triton is not None:
         for c0 in range(0, C_PER_G, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C_PER_G
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+            w, _ = _load_affine(w_ptr, b_ptr, g, C_PER_G, c, cmask, HAS_WEIGHT, False)
             sdzx = tl.zeros([BLOCK_C], tl.float32)
             sdz = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, SPLIT, PART_CHUNK):  # (BLOCK_C, PART_CHUNK) partials at a time: few registers
@@ -315,12 +315,7 @@ if triton is not None:
         for c0 in range(0, C_PER_G, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C_PER_G
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-            b = tl.zeros([BLOCK_C], tl.float32)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                b = tl.load(b_ptr + g * C_PER_G + c, mask=cmask, other=0.0).to(tl.float32)
+            w, b = _load_affine(w_ptr, b_ptr, g, C_PER_G, c, cmask, HAS_WEIGHT, HAS_BIAS)
             for s0 in range(s_start, s_end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (s < s_end)[None, :]

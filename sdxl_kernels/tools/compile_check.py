@@ -1,11 +1,15 @@
 """Ahead-of-time compile of every Triton kernel variant for sm_80 and sm_90, no GPU needed.
 
     python -m sdxl_kernels.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--no-candidates]
+                                               [--slice K/N]
 
 The variants: every config of the tables in force (sdxl_kernels.configs: the packaged sm80.json/sm90.json, or
 a new file through SDXL_KERNELS_CONFIGS=file.json, which checks it before it is committed) in every dtype and
 flag combination the launchers use, then every sweep candidate (configs.candidates) in one dtype, rows
 labelled "candidate" (each op's compile_specs says which variants). --no-candidates builds the tables only.
+--slice K/N builds the K-th of N interleaved slices: every N-th variant of each (kernel, arch, TMA or not,
+table or candidate) group, and at least one of each group, so every slice still meets every kernel and path
+(the test suite's default run takes one slice, rotating by day; `pytest --slow` builds them all).
 
 Each variant goes through `triton.compile(..., target=GPUTarget("cuda", arch, 32))`; the PTX then goes
 through the `ptxas` that ships with Triton with `-v`, which reports registers, spills and static shared
@@ -19,10 +23,11 @@ import argparse
 import concurrent.futures
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
+
+from . import ptxas
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (opt-in maximum)
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
@@ -52,15 +57,11 @@ def ptxas_path(arch: int) -> str:
 
 
 def parse_ptxas(text: str) -> dict:
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    smem = re.search(r"(\d+) bytes smem", text)
-    return {
-        "registers": int(regs.group(1)) if regs else -1,
-        "spill_stores": int(spill.group(1)) if spill else 0,
-        "spill_loads": int(spill.group(2)) if spill else 0,
-        "static_smem": int(smem.group(1)) if smem else 0,
-    }
+    """Registers, spills and static shared memory of the one kernel in `ptxas -v` output."""
+    kernels = ptxas.parse(text)
+    k = kernels[0] if kernels else ptxas.Kernel("", "", "")
+    return {"registers": k.registers, "spill_stores": k.spill_stores, "spill_loads": k.spill_loads,
+            "static_smem": k.smem}
 
 
 def compile_one(job: tuple[int, int, bool]) -> dict:
@@ -109,12 +110,35 @@ def problems(row: dict) -> list[str]:
     return out
 
 
+def take_slice(jobs: list, specs: list, k: int, n: int) -> list:
+    """The K-th of N slices of `jobs` ((index, arch, candidates) tuples): within each (kernel, arch, TMA,
+    candidate) group in order, the variants at positions ≡ K (mod N), or the (K mod size)-th when none is."""
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        spec = specs[job[0]][1]
+        groups.setdefault((spec.fn.__name__, job[1], " TMA" in spec.label, spec.candidate), []).append(job)
+    keep = set()
+    for members in groups.values():
+        chosen = members[k::n] or [members[k % len(members)]]
+        keep.update(chosen)
+    return [job for job in jobs if job in keep]
+
+
+def _slice_arg(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    k, n = int(k), int(n)
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--slice K/N needs 0 <= K < N, got {text}")
+    return k, n
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--no-candidates", action="store_true", help="the tables' configs only")
+    parser.add_argument("--slice", type=_slice_arg, metavar="K/N", help="the K-th of N interleaved slices only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
@@ -123,6 +147,9 @@ def main(argv=None) -> int:
     specs = all_specs(candidates)
     # A spec may name the archs whose config tables pick it (attention's tiles differ per arch).
     jobs = [(i, a, candidates) for a in args.arch for i, (_, spec) in enumerate(specs) if a in spec.archs]
+    total = len(jobs)
+    if args.slice:
+        jobs = take_slice(jobs, specs, *args.slice)
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs, chunksize=4))
 
@@ -143,7 +170,8 @@ def main(argv=None) -> int:
             f"{row['kernel']:<24} {row['config']:<46} {row['arch']:<6} {row['warps']:>5} "
             f"{row.get('registers', -1):>5} {row.get('smem', 0):>7} {spills:>7} {wgmma:>5} {tma:>3}  {'; '.join(issues) or 'ok'}"
         )
-    print(f"\n{len(rows)} variants compiled for {', '.join(f'sm_{a}' for a in args.arch)}: {bad} with problems")
+    part = f" (slice {args.slice[0]}/{args.slice[1]} of {total})" if args.slice else ""
+    print(f"\n{len(rows)} variants compiled for {', '.join(f'sm_{a}' for a in args.arch)}{part}: {bad} with problems")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -12,7 +12,6 @@ then a line starting with SKIPPED says so), 1 on a spill or compile error,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import shutil
@@ -22,29 +21,11 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import ptxas
+from .ptxas import Kernel
+
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 DEFAULT_ARCHS = ("sm_80", "sm_90")
-
-_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers")
-_SMEM = re.compile(r"(\d+) bytes smem")
-
-
-@dataclasses.dataclass
-class Kernel:
-    file: str
-    name: str
-    arch: str
-    registers: int = 0
-    smem: int = 0
-    stack: int = 0
-    spill_stores: int = 0
-    spill_loads: int = 0
-
-    @property
-    def spills(self) -> bool:
-        return self.spill_stores > 0 or self.spill_loads > 0
 
 
 def find_nvcc() -> str | None:
@@ -61,19 +42,7 @@ def find_nvcc() -> str | None:
 
 def parse_ptxas(text: str, file: str) -> list[Kernel]:
     """Kernels from `-Xptxas -v` output, in the order ptxas reports them."""
-    kernels: list[Kernel] = []
-    for line in text.splitlines():
-        if m := _ENTRY.search(line):
-            kernels.append(Kernel(file=file, name=m.group(1), arch=m.group(2)))
-        elif kernels and (m := _FRAME.search(line)):
-            k = kernels[-1]
-            k.stack, k.spill_stores, k.spill_loads = (int(g) for g in m.groups())
-        elif kernels and (m := _USED.search(line)):
-            k = kernels[-1]
-            k.registers = int(m.group(1))
-            if s := _SMEM.search(line):
-                k.smem = int(s.group(1))
-    return kernels
+    return ptxas.parse(text, file)
 
 
 def compile_one(nvcc: str, src: Path, arch: str, out_dir: str) -> tuple[list[Kernel], str | None]:

@@ -91,14 +91,6 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
 
 
-def all_mean(value: float, info: DistInfo) -> float:
-    if not info.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
-
-
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

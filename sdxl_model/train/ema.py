@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..keys import compare
 from .distributed import shard_like
 
 
@@ -35,21 +36,12 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
-        missing = set(self.shadow) - set(state)
-        unexpected = set(state) - set(self.shadow)
-        if missing or unexpected:
-            raise ValueError(f"EMA state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        wrong = compare(self.shadow, state)  # names and shapes
+        if wrong:
+            raise ValueError(f"EMA state mismatch: {wrong.inline(5)}")
         for k, s in self.shadow.items():
-            if state[k].shape != s.shape:
-                raise ValueError(f"EMA {k}: shape {tuple(state[k].shape)} != {tuple(s.shape)}")
             s.copy_(shard_like(state[k], s))  # a full tensor, sharded like the shadow under FSDP2
         self.num_updates = int(num_updates)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the averages into `model` (cast to each weight's dtype)."""
-        for k, v in _weights(model).items():
-            v.copy_(self.shadow[k].to(v.device, v.dtype))
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..conditioning import build_adm_vector
-from ..keys import names_text
+from ..keys import StateMismatch
 from . import distributed as D
 from . import objective, state
 from .buckets import make_buckets
@@ -240,9 +240,9 @@ class Trainer:
             return
         module = self.trained_module()
         missing, unexpected = module.load_state_dict(full, strict=False)
-        if missing or unexpected:
-            raise ConfigMismatch(f"{latest}: {type(module).__name__} weights do not fit (missing "
-                                 f"{names_text(missing, 3)}, unexpected {names_text(unexpected, 3)})")
+        wrong = StateMismatch(frozenset(missing), frozenset(unexpected))
+        if wrong:
+            raise ConfigMismatch(f"{latest}: {type(module).__name__} weights do not fit ({wrong.inline(3)})")
 
     def _extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {}
@@ -418,8 +418,7 @@ class Trainer:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{global_batch / max(dt, 1e-9):.2f}")
+            bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{global_batch / max(dt, 1e-9):.2f}")
         elif self.step % self.config.log_every == 0:
             log.info("step %d loss %.5f lr %.2e %.2f it/s %.2f img/s", self.step, loss, lr, 1 / dt, global_batch / dt)
 

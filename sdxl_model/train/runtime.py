@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_io
+from ..progress import Progress
 from . import distributed as D
 
 
@@ -65,11 +66,8 @@ def atomic_save(model: torch.nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
-def progress_bar(enabled: bool, total: int, info: D.DistInfo, start: int, desc: str = "train"):
+def progress_bar(enabled: bool, total: int, info: D.DistInfo, start: int, desc: str = "train") -> Progress | None:
+    """The training progress line (sdxl_model.progress) on the main rank, None elsewhere or when disabled."""
     if not (enabled and info.is_main):
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    return Progress(total, desc=desc, initial=start)

@@ -241,8 +241,7 @@ class VAETrainer(Trainer):
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", rec=f"{self._terms['rec']:.4g}", img_s=f"{global_batch / dt:.2f}")
+            bar.update(loss=f"{loss:.4g}", rec=f"{self._terms['rec']:.4g}", img_s=f"{global_batch / max(dt, 1e-9):.2f}")
         elif self.step % self.config.log_every == 0:
             log.info("step %d %s", self.step, " ".join(f"{k} {v:.5g}" for k, v in self._terms.items()))
 
