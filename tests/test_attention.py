@@ -244,6 +244,34 @@ def test_grouped_query_attention(causal, triton_backend, poison):
     check_all(out, grads, q, k, v, dout, torch.bfloat16, is_causal=causal, enable_gqa=True)
 
 
+@pytest.mark.parametrize("arch, sms", [(90, 132), (80, 108)], ids=["H100/H200", "A100"])
+def test_cross_attention_backward_plan_fills_the_gpu(arch, sms):
+    """SDXL's cross-attention backward, [2, 10, 4096, 64] queries × 77 keys: the dK/dV grid of the arch's table
+    config is split over the queries until it has at least 2 programs per SM; self-attention is not split."""
+    cfg = attn.bwd_config(64, DEVICE, arch=arch)
+    split, per = attn.dkdv_split(4096, 77, 20, cfg.block_m1, cfg.block_n1, sms)
+    grid = -(-77 // cfg.block_n1) * 20 * split
+    assert split > 1 and grid >= 2 * sms and per % cfg.block_m1 == 0 and (split - 1) * per < 4096 <= split * per
+    assert attn.dkdv_split(4096, 4096, 20, cfg.block_m1, cfg.block_n1, sms)[0] == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads_kv", [4, 2])
+def test_split_dkdv_matches_and_is_bitwise_deterministic(causal, heads_kv, monkeypatch, triton_backend, poison):
+    """The split query range (planned here for a pretend 40-SM GPU, so the small shape splits 4 ways): float32
+    partials summed in a fixed order give the reference gradients, the same bits on every run."""
+    monkeypatch.setattr(attn, "_split_sms", lambda device: 40)
+    splits = []
+    real = attn.dkdv_split
+    monkeypatch.setattr(attn, "dkdv_split", lambda *a: splits.append(real(*a)) or splits[-1])
+    q, k, v, dout = make_qkv(2, 4, 61, 45, 64, torch.bfloat16, heads_kv=heads_kv)
+    out, grads = run(scaled_dot_product_attention, q, k, v, dout, is_causal=causal, enable_gqa=True)
+    assert splits and splits[-1][0] > 1
+    check_all(out, grads, q, k, v, dout, torch.bfloat16, is_causal=causal, enable_gqa=True)
+    _, again = run(scaled_dot_product_attention, q, k, v, dout, is_causal=causal, enable_gqa=True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
 def test_lse_is_the_row_logsumexp(triton_backend, poison):
     q, k, v, _ = make_qkv(2, 2, 37, 50, 80, torch.float16)
     out, lse = flash_attention_fwd_op(q, k, v, True, 0.2)

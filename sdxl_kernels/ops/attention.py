@@ -8,7 +8,7 @@ Math, per (batch, head), queries Q (Lq, D), keys K and values V (Lk, D), scale s
 The forward walks K/V in blocks of BLOCK_N with the online softmax, in base 2 with the scale folded in
 (qk_scale = s · log2 e, so exp(S - m) = exp2(s·log2e·QKᵀ - m₂)): per block
 
-    m_new = max(m, rowmax(QKᵀ·qk_scale)),   α = exp2(m - m_new),   P̃ = exp2(QKᵀ·qk_scale - m_new)
+    m_new = max(m, rowmax(QKᵀ)·qk_scale),   α = exp2(m - m_new),   P̃ = exp2(QKᵀ·qk_scale - m_new)  (one FMA)
     l = α·l + rowsum(P̃),   acc = α·acc + P̃ V,   m = m_new;   finally O = acc / l,  lse = (m + log2 l)·ln 2
 
 Backward, with dO the gradient of O:
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, configs
-from ._triton import TRITON_TYPES, KernelSpec, interpret_upcast, next_power_of_2, tl, triton
+from ._triton import TRITON_TYPES, KernelSpec, interpret_upcast, next_power_of_2, sm_count, tl, triton
 
 if triton is not None:
     from ._triton import _dot, _like, _rne_bf16
@@ -167,16 +167,19 @@ if triton is not None:
     def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_m, offs_n, LK, qk_scale, MASKED: tl.constexpr,
                              CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
         """One key block of the forward: scores, mask, the online-softmax rescale, acc += P̃ V."""
-        qk = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = _dot(q, tl.trans(k), None, UPCAST)  # (BLOCK_M, BLOCK_N) raw scores Q Kᵀ
         if MASKED:
             valid = offs_n[None, :] < LK
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             qk = tl.where(valid, qk, float("-inf"))
+        # The row max on the raw scores, then scaled: qk_scale > 0 (the Triton predicate), and rounding is
+        # monotonic, so max(qk)·s is exactly max(qk·s). The scale then enters with the subtraction as one FMA
+        # per score, qk·s - m, instead of a multiply before the max and a subtraction after it.
         # Column 0 is visible to every row and comes first, so m_new is finite from the first block on.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # log2 units
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = _dot(_like(p, v, UPCAST), v, acc * alpha[:, None], UPCAST)
         return acc, m_new, l_i
@@ -390,8 +393,8 @@ if triton is not None:
         k_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
         v_ptr,  # (B, H // GROUP, LK, HEAD_DIM) strided
         do_ptr,  # (B, H, LQ, HEAD_DIM) strided
-        dk_ptr,  # (B, H, LK, HEAD_DIM) strided: dK (GROUP = 1) or float32 per-query-head partials (GQA)
-        dv_ptr,  # (B, H, LK, HEAD_DIM) strided: likewise
+        dk_ptr,  # (B, H, LK, HEAD_DIM) strided: dK; or float32 partials (SPLIT·B, H, LK, HEAD_DIM) (GQA, split)
+        dv_ptr,  # likewise
         lse_ptr,  # (B, H, LQ) float32 contiguous
         delta_ptr,  # (B, H, LQ) float32 contiguous
         sm_scale,
@@ -399,6 +402,7 @@ if triton is not None:
         GROUP,
         LQ,
         LK,
+        Q_PER_SPLIT,  # queries per program along grid axis 2 (a multiple of BLOCK_M1; ≥ LQ: no split)
         stride_qb,
         stride_qh,
         stride_qm,
@@ -441,9 +445,12 @@ if triton is not None:
         stride_dvn = stride_dvn * ALIGN
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)  # over B * H: one query head, whose K/V head is h // GROUP
+        pid_s = tl.program_id(2)  # which query range [q_lo, q_hi) of the split this program sums over
         b = pid_bh // H
         h = pid_bh % H
         hk = h // GROUP
+        q_lo = pid_s * Q_PER_SPLIT
+        q_hi = tl.minimum(q_lo + Q_PER_SPLIT, LQ)
         n0 = pid_n * BLOCK_N1
         offs_n = n0 + tl.arange(0, BLOCK_N1)
         k_off = _slice_offset(b, hk, stride_kb, stride_kh, ALIGN)
@@ -463,23 +470,26 @@ if triton is not None:
             desc_q = _slice_desc(q_base, LQ, stride_qm, BLOCK_M1, HEAD_DIM, BLOCK_D)
             desc_do = _slice_desc(do_base, LQ, stride_dom, BLOCK_M1, HEAD_DIM, BLOCK_D)
 
-        # Query blocks [start, diag) straddle the causal diagonal of this key block; [diag, LQ) see it whole.
-        diag = 0
+        # Query blocks [start, diag) straddle the causal diagonal of this key block; [diag, LQ) see it whole;
+        # each is cut to this program's range [q_lo, q_hi) (block-aligned: Q_PER_SPLIT is a multiple of BLOCK_M1).
+        diag = q_lo
         if CAUSAL:
-            start = n0 // BLOCK_M1 * BLOCK_M1
-            diag = tl.minimum(tl.cdiv(n0 + BLOCK_N1 - 1, BLOCK_M1) * BLOCK_M1, LQ)
+            start = tl.maximum(n0 // BLOCK_M1 * BLOCK_M1, q_lo)
+            diag = tl.minimum(tl.cdiv(n0 + BLOCK_N1 - 1, BLOCK_M1) * BLOCK_M1, q_hi)
             dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, offs_n, start, diag, LQ,
                                       qk_scale, desc_q, desc_do, True, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST,
                                       TMA)  # fmt: skip
+            diag = tl.maximum(diag, q_lo)
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, diag, LQ, LQ,
+                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, diag, q_hi, LQ,
                                   qk_scale, desc_q, desc_do, False, HEAD_DIM, BLOCK_D, BLOCK_M1, UPCAST,
                                   TMA)  # fmt: skip
 
         dk = dk * sm_scale
-        dk_off = _slice_offset(b, h, stride_dkb, stride_dkh, ALIGN)
-        dv_off = _slice_offset(b, h, stride_dvb, stride_dvh, ALIGN)
+        b_out = pid_s * (tl.num_programs(1) // H) + b  # split s writes partial batch s·B + b
+        dk_off = _slice_offset(b_out, h, stride_dkb, stride_dkh, ALIGN)
+        dv_off = _slice_offset(b_out, h, stride_dvb, stride_dvh, ALIGN)
         _store_tile(dk_ptr + dk_off, dk, offs_n, LK, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_D, UPCAST)
         _store_tile(dv_ptr + dv_off, dv, offs_n, LK, stride_dvn, stride_dvd, HEAD_DIM, BLOCK_D, UPCAST)
 
@@ -831,12 +841,14 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
         out, dout, delta, heads, lq, **strides,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PRE_BLOCK_M, ALIGN=align, num_warps=PRE_WARPS, num_stages=1,
     )  # fmt: skip
-    # GQA: each query head writes its own float32 dK/dV partials, summed over the group below (no atomics).
-    dk_h, dv_h = dk, dv
-    if group > 1:
-        dk_h = torch.empty(bsz, heads, lk, head_dim, device=q.device, dtype=torch.float32)  # (B, H, Lk, D)
-        dv_h = torch.empty_like(dk_h)
     cfg = bwd_config(head_dim, q.device)
+    split, q_per_split = dkdv_split(lq, lk, bsz * heads, cfg.block_m1, cfg.block_n1, _split_sms(q.device))
+    # GQA and a split query range: each query head and range writes its own float32 dK/dV partials, summed
+    # below in a fixed order (no atomics, so still deterministic).
+    dk_h, dv_h = dk, dv
+    if group > 1 or split > 1:
+        dk_h = torch.empty(split * bsz, heads, lk, head_dim, device=q.device, dtype=torch.float32)  # (S·B, H, Lk, D)
+        dv_h = torch.empty_like(dk_h)
     strides, align = _stride_kwargs(q=q, k=k, v=v, do=dout, dk=dk_h, dv=dv_h, dq=dq)
     if cfg.tma and (align != 8 or tma_reason(q, k, v, dout) is not None):
         cfg = dataclasses.replace(cfg, tma=False)
@@ -845,8 +857,8 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
     flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=bd, UPCAST=interpret_upcast(q.dtype), ALIGN=align,
                  TMA=cfg.tma)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, cfg.block_n1), bsz * heads)](
-        q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk,
+    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, cfg.block_n1), bsz * heads, split)](
+        q, k, v, dout, dk_h, dv_h, lse, delta, scale, heads, group, lq, lk, q_per_split,
         **_strides_of(strides, "q", "k", "v", "do", "dk", "dv"),
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, **flags, **launch,
     )  # fmt: skip
@@ -855,10 +867,32 @@ def _triton_backward(dout, q, k, v, out, lse, causal, scale):
         **_strides_of(strides, "q", "k", "v", "do", "dq"),
         BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **flags, **launch,
     )  # fmt: skip
-    if group > 1:
-        dk.copy_(dk_h.view(bsz, heads_kv, group, lk, head_dim).sum(2))  # (B, H_kv, Lk, D)
-        dv.copy_(dv_h.view(bsz, heads_kv, group, lk, head_dim).sum(2))
+    if group > 1 or split > 1:
+        dk.copy_(dk_h.view(split, bsz, heads_kv, group, lk, head_dim).sum((0, 3)))  # (B, H_kv, Lk, D)
+        dv.copy_(dv_h.view(split, bsz, heads_kv, group, lk, head_dim).sum((0, 3)))
     return dq, dk, dv
+
+
+SPLIT_MIN_CTAS_PER_SM = 2  # the dK/dV grid's floor: below it, the query range is split across programs
+
+
+def _split_sms(device: torch.device) -> int:
+    """SMs the dK/dV split plans for: the device's on CUDA; 0 (never split) under the interpreter."""
+    return sm_count(device) if device.type == "cuda" else 0
+
+
+def dkdv_split(lq: int, lk: int, batch_heads: int, block_m1: int, block_n1: int, sms: int) -> tuple[int, int]:
+    """(SPLIT, Q_PER_SPLIT) of the dK/dV kernel. Its grid is cdiv(Lk, BLOCK_N1) · B·H programs, each walking
+    every query; with few keys (SDXL's 77 text tokens: 1 · 20 programs at [2, 10, 4096, 64]) that leaves most
+    of a 132-SM GPU idle. When the grid is under SPLIT_MIN_CTAS_PER_SM · sms, the Lq queries are cut into SPLIT
+    ranges of Q_PER_SPLIT (whole BLOCK_M1 blocks), one program each, so the grid reaches the floor (or one
+    query block per program). No split: (1, Lq rounded up to BLOCK_M1)."""
+    blocks = triton.cdiv(lq, block_m1)
+    ctas = triton.cdiv(lk, block_n1) * batch_heads
+    per = blocks
+    if sms > 0 and ctas < SPLIT_MIN_CTAS_PER_SM * sms:
+        per = max(1, blocks // triton.cdiv(SPLIT_MIN_CTAS_PER_SM * sms, ctas))  # cdiv(blocks, per) ≥ wanted
+    return triton.cdiv(blocks, per), per * block_m1
 
 
 # ---- ahead-of-time compile check ---------------------------------------------------------------------------
@@ -882,7 +916,7 @@ def _fwd_spec(label, dtype, flags, c: FwdConfig, arch, candidate=False) -> Kerne
     return _spec(_attn_fwd_kernel, label, dtype, tiles, c.num_warps, c.num_stages, arch, candidate=candidate)
 
 
-def _bwd_specs(tag, dtype, flags, c: BwdConfig, arch, gqa=False, candidate=False) -> list[KernelSpec]:
+def _bwd_specs(tag, dtype, flags, c: BwdConfig, arch, partials=False, candidate=False) -> list[KernelSpec]:
     """dK/dV and dQ kernels of c, through TMA when c.tma and by pointers (what TMA tables fall back to)."""
     specs, warps, stages = [], c.num_warps, c.num_stages
     extra = f" w{warps}" if candidate else ""
@@ -891,9 +925,9 @@ def _bwd_specs(tag, dtype, flags, c: BwdConfig, arch, gqa=False, candidate=False
         tiles = flags | dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1, TMA=tma)
         label = f"{tag} M{c.block_m1} N{c.block_n1}{extra} s{stages}{suffix}"
         specs.append(_spec(_attn_bwd_dkdv_kernel, label, dtype, tiles, warps, stages, arch, candidate=candidate))
-        if gqa:  # float32 dK/dV partials
-            partials = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
-            specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, warps, stages, arch, partials))
+        if partials:  # float32 dK/dV partials (GQA, a split query range)
+            fp32 = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")
+            specs.append(_spec(_attn_bwd_dkdv_kernel, f"{label} GQA", dtype, tiles, warps, stages, arch, fp32))
         tiles = flags | dict(BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2, TMA=tma)
         label = f"{tag} M{c.block_m2} N{c.block_n2}{extra} s{stages}{suffix}"
         specs.append(_spec(_attn_bwd_dq_kernel, label, dtype, tiles, warps, stages, arch, candidate=candidate))
@@ -936,7 +970,7 @@ def _shape_specs(arch: int, dtype: torch.dtype, head_dim: int, bd: int) -> list[
     shape = f"{TRITON_TYPES[dtype]} D={head_dim}/{bd}"
     pre = dims | dict(BLOCK_M=PRE_BLOCK_M)
     specs = [_spec(_attn_bwd_delta_kernel, f"{shape} M{PRE_BLOCK_M}", dtype, pre, PRE_WARPS, 1, arch)]
-    gqa = head_dim == bd and dtype == torch.float16
+    partials = head_dim == bd  # the float32 dK/dV partials of GQA and of a split query range
     bwd = configs.table(arch)["attention_bwd"][f"d{bd}"]
     for causal in (False, True):
         flags = dims | dict(CAUSAL=causal, UPCAST=False)
@@ -944,7 +978,7 @@ def _shape_specs(arch: int, dtype: torch.dtype, head_dim: int, bd: int) -> list[
         for c in _fwd_table(arch, bd):
             label = f"{tag} M{c.block_m} N{c.block_n} s{c.num_stages}{' TMA' if c.tma else ''}"
             specs.append(_fwd_spec(label, dtype, flags, c, arch))
-        specs += _bwd_specs(tag, dtype, flags, bwd, arch, gqa=gqa)
+        specs += _bwd_specs(tag, dtype, flags, bwd, arch, partials=partials)
     return specs
 
 
@@ -996,6 +1030,8 @@ def _triton_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         return "key/value heads differ from query heads (and enable_gqa is off or they do not divide)"
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
+    if scale is not None and not (0.0 < float(scale) < math.inf):
+        return f"scale {scale} is not a positive finite number (the kernel takes the row max before scaling)"
     if bsz * heads > MAX_GRID_Y:
         return f"batch × heads = {bsz * heads} > {MAX_GRID_Y}"
     if any(_slice_extent(t) >= 2**31 for t in (query, key, value)):
