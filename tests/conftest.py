@@ -30,6 +30,14 @@ def rotating_slice(n: int) -> int:
     return int(os.environ.get("SDXL_TEST_SLICE", int(time.time() // 86400))) % n
 
 
+def examples(default: int, slow: int) -> int:
+    """Hypothesis examples of a random-shape test: `slow` under `pytest --slow` (read from the command line,
+    since @settings is applied at import), else `default`."""
+    import sys
+
+    return slow if "--slow" in sys.argv else default
+
+
 @pytest.fixture
 def slow(request) -> bool:
     """True under `pytest --slow`: exhaustive grids run whole."""

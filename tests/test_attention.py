@@ -13,6 +13,8 @@ from sdxl_kernels import attention_ref, backends, flash_attention, scaled_dot_pr
 from sdxl_kernels.ops import attention as attn
 from sdxl_kernels.ops.attention import BwdConfig, FwdConfig, flash_attention_bwd_op, flash_attention_fwd_op
 
+from .conftest import examples
+
 OP = "scaled_dot_product_attention"
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -492,7 +494,7 @@ def test_torch_compile_fullgraph(triton_backend):
 # ---- random shapes ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(6, 12), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     bsz=st.integers(1, 2),
     heads_kv=st.integers(1, 2),

@@ -10,6 +10,8 @@ import sdxl_kernels
 from sdxl_kernels import backends, group_norm_silu, group_norm_silu_ref
 from sdxl_kernels.ops.group_norm_silu import group_norm_silu_backward_op, group_norm_silu_op
 
+from .conftest import examples
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, C, spatial, G): SDXL's 32 groups over 320 channels, odd channel counts, 1x1 and odd spatial sizes,
 # 1-D and 3-D spatial, more channels per group than one tile, and enough positions to split the reduction.
@@ -242,7 +244,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(12, 25), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     n=st.integers(1, 3),
     groups=st.integers(1, 6),

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from sdxl_model.train import make_shapes_dataset
 
+from .conftest import rotating_slice
+
 ROOT = Path(__file__).resolve().parents[1]
 # On the CPU (also on a GPU machine): gloo ranks, and bitwise comparisons that hold there.
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT),
@@ -123,8 +125,14 @@ def test_tiny_preset_learns(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_gloo_gradients_equal_one_process(tmp_path, shapes, mode):
-    """2 ranks × 1 micro-batch vs 1 process × 2 micro-batches: the same global batch and draws."""
+def test_two_process_gloo_gradients_equal_one_process(tmp_path, shapes, mode, slow):
+    """2 ranks × 1 micro-batch vs 1 process × 2 micro-batches: the same global batch and draws. The default
+    run takes one mode a day (pytest --slow: both); the wrapping code both modes share (train/distributed.py)
+    is checked in both modes every run by test_train_vae's two-process test, and FSDP's 2-rank run again by
+    test_fsdp_resume_equals_an_uninterrupted_fsdp_run."""
+    modes = ["ddp", "fsdp"]
+    if not slow and modes.index(mode) != rotating_slice(len(modes)):
+        pytest.skip(f"today's rotating slice runs {modes[rotating_slice(len(modes))]} (pytest --slow: both)")
     script = ROOT / "tests" / "ddp_grads.py"
     one = tmp_path / "one.safetensors"
     subprocess.run([sys.executable, script, shapes, one, mode, "2"], env=ENV, cwd=tmp_path, check=True,

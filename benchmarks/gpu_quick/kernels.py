@@ -36,7 +36,7 @@ ATTENTION_GPU = [
     *(_attn(f"len-{n}", 2, 10, n, n, 64, modes=("fwd", "bwd")) for n in (256, 1024, 16384)),
 ]
 ATTENTION_DRY = [  # the same classes, tiny: the interpreter runs ours
-    _attn("sdxl-self-4096", 1, 2, 64, 64, 64),
+    _attn("sdxl-self-4096", 1, 2, 64, 64, 64, modes=("fwd", "bwd")),  # fwd+bwd: the same code, twice
     _attn("sdxl-self-4096-bhld", 1, 2, 64, 64, 64, layout="bhld", modes=("fwd",)),
     _attn("sdxl-self-1024", 1, 2, 32, 32, 64, modes=("fwd",)),
     _attn("cross-77-4096", 1, 2, 64, 77, 64, modes=("fwd", "bwd")),
