@@ -1003,17 +1003,16 @@ def _candidate_specs(arch: int) -> list[KernelSpec]:
 # ---- backend predicates ------------------------------------------------------------------------------------
 
 
-def _triton_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """None when the Triton kernel serves these `scaled_dot_product_attention` arguments, else why not."""
-    why = backends.device_reason(query, "triton")
-    if why is not None:
-        return why
+def _contract_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
+    """None when the call fits the ops' (q, k, v, causal, scale) contract, whichever backend then serves:
+    (B, H, L, D) floating tensors of one dtype and device, K/V heads equal to or (GQA) dividing Q's, no mask or
+    dropout; else why not."""
     if attn_mask is not None:
         return "attn_mask is not supported (only is_causal)"
     if dropout_p != 0.0:
         return "dropout_p > 0 is not supported"
-    if query.dtype not in KERNEL_DTYPES:
-        return f"dtype {query.dtype} (the kernel takes float16/bfloat16)"
+    if not all(type(t) is torch.Tensor and t.is_floating_point() for t in (query, key, value)):
+        return "query, key and value must be floating-point tensors"
     if key.dtype != query.dtype or value.dtype != query.dtype:
         return "query, key and value dtypes differ"
     if key.device != query.device or value.device != query.device:
@@ -1028,6 +1027,18 @@ def _triton_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, en
     heads_kv = key.shape[1]
     if heads_kv != heads and not (enable_gqa and heads_kv > 0 and heads % heads_kv == 0):
         return "key/value heads differ from query heads (and enable_gqa is off or they do not divide)"
+    return None
+
+
+def _triton_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """None when the Triton kernel serves these `scaled_dot_product_attention` arguments, else why not."""
+    why = backends.device_reason(query, "triton") or _contract_reason(query, key, value, attn_mask, dropout_p,
+                                                                       enable_gqa)
+    if why is not None:
+        return why
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} (the kernel takes float16/bfloat16)"
+    bsz, heads, _, head_dim = query.shape
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
     if scale is not None and not (0.0 < float(scale) < math.inf):
@@ -1233,17 +1244,7 @@ def scaled_dot_product_attention(
 
 def _op_can_take(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
     """True when the call fits the ops' (q, k, v, causal, scale) contract, whichever backend then serves."""
-    if attn_mask is not None or dropout_p != 0.0:
-        return False
-    if not all(type(t) is torch.Tensor and t.dim() == 4 and t.is_floating_point() for t in (query, key, value)):
-        return False
-    if not (query.dtype == key.dtype == value.dtype and query.device == key.device == value.device):
-        return False
-    bsz, heads, _, head_dim = query.shape
-    if key.shape != value.shape or key.shape[0] != bsz or key.shape[3] != head_dim:
-        return False
-    heads_kv = key.shape[1]
-    return heads_kv == heads or (enable_gqa and heads_kv > 0 and heads % heads_kv == 0)
+    return _contract_reason(query, key, value, attn_mask, dropout_p, enable_gqa) is None
 
 
 def _check_blhd(q, k, v) -> None:
